@@ -1,0 +1,1 @@
+//! Model manifests, content-addressed blobs, signing, delta planning (no libtorch).

@@ -1,0 +1,1 @@
+//! Content-addressed blob storage (local directory, S3-compatible object store).

@@ -1,0 +1,11 @@
+//! The LLMChain coordinator: stores signed model versions and their blobs, holds the fleet's
+//! sessions, and drives rollouts. It never links libtorch: artifacts are validated from the
+//! manifest and the safetensors layout alone.
+
+pub mod blobs;
+pub mod error;
+pub mod registry;
+pub mod server;
+pub mod store;
+
+pub use error::{Error, Result};

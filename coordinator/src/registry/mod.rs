@@ -1,0 +1,1 @@
+//! The model registry service: versions, manifests, blob upload and fetch.

@@ -1,0 +1,1 @@
+//! Wires the gRPC services, health, reflection and middleware into one server.

@@ -1,0 +1,1 @@
+//! Shared runtime pieces: telemetry, configuration layering, graceful shutdown.
