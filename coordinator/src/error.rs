@@ -14,6 +14,32 @@ pub enum Error {
     /// Local I/O failed.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+    /// The state store failed in a way retrying will not fix (corrupt record, rejected request).
+    #[error("store error: {0}")]
+    Store(String),
+    /// The state store cannot be reached right now; retrying may help.
+    #[error("store unavailable: {0}")]
+    StoreUnavailable(String),
+    /// A watch asked for history the store no longer keeps; the caller must re-list and watch
+    /// again from the listed revision.
+    #[error("store history compacted: requested revision {requested}, compacted up to {compacted}")]
+    Compacted {
+        /// The first revision the watch wanted.
+        requested: i64,
+        /// The store's compaction point: history at or below it is gone.
+        compacted: i64,
+    },
+    /// The lease does not exist (any more): it expired or was revoked.
+    #[error("lease {0:x} expired or not found")]
+    LeaseExpired(i64),
+    /// A `--store` spec could not be parsed.
+    #[error("invalid store spec {spec:?}: {reason}")]
+    InvalidStoreSpec {
+        /// The spec as given.
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl From<Error> for ApiError {
@@ -21,6 +47,14 @@ impl From<Error> for ApiError {
         match err {
             Error::Api(api) => api,
             Error::Io(e) => ApiError::Unavailable(format!("i/o error: {e}")),
+            Error::Store(msg) => ApiError::Internal(format!("store error: {msg}")),
+            Error::StoreUnavailable(msg) => ApiError::Unavailable(format!("store unavailable: {msg}")),
+            // A client retrying the request re-lists, which is exactly the recovery needed.
+            err @ Error::Compacted { .. } => ApiError::Unavailable(err.to_string()),
+            err @ Error::LeaseExpired(_) => ApiError::FailedPrecondition(err.to_string()),
+            Error::InvalidStoreSpec { spec, reason } => {
+                ApiError::invalid("store", format!("{spec:?}: {reason}"))
+            }
         }
     }
 }
