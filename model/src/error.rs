@@ -49,6 +49,46 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Writing a file failed.
+    #[error("writing {path}: {source}", path = path.display())]
+    Write {
+        /// The file that could not be written.
+        path: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The model configuration is invalid or asks for something the transformer does not do.
+    #[error("model config: {reason}")]
+    Config {
+        /// What is wrong or unsupported.
+        reason: String,
+    },
+    /// A weight tensor is missing, unexpected, or of the wrong shape or type.
+    #[error("weight {name}: {reason}")]
+    Weights {
+        /// The tensor's name (Hugging Face or GGUF naming, as found).
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A safetensors file is malformed.
+    #[error("safetensors {path}: {reason}", path = path.display())]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What the parser or writer reported.
+        reason: String,
+    },
+    /// An inference request is malformed (token id outside the vocabulary, empty prompt, …).
+    #[error("invalid input: {reason}")]
+    Input {
+        /// What is wrong with the request.
+        reason: String,
+    },
+    /// libtorch reported an error.
+    #[error("torch: {0}")]
+    Torch(#[from] tch::TchError),
 }
 
 impl Error {
@@ -60,6 +100,26 @@ impl Error {
     /// Shorthand for a [`Error::Metadata`] naming `key`.
     pub(crate) fn metadata(key: &str, reason: impl Into<String>) -> Self {
         Error::Metadata { key: key.to_owned(), reason: reason.into() }
+    }
+
+    /// Shorthand for a [`Error::Config`].
+    pub(crate) fn config(reason: impl Into<String>) -> Self {
+        Error::Config { reason: reason.into() }
+    }
+
+    /// Shorthand for a [`Error::Weights`] naming tensor `name`.
+    pub(crate) fn weights(name: &str, reason: impl Into<String>) -> Self {
+        Error::Weights { name: name.to_owned(), reason: reason.into() }
+    }
+
+    /// Shorthand for a [`Error::Safetensors`] about `path`.
+    pub(crate) fn safetensors(path: &std::path::Path, reason: impl Into<String>) -> Self {
+        Error::Safetensors { path: path.to_owned(), reason: reason.into() }
+    }
+
+    /// Shorthand for a [`Error::Input`].
+    pub(crate) fn input(reason: impl Into<String>) -> Self {
+        Error::Input { reason: reason.into() }
     }
 }
 

@@ -3,8 +3,17 @@
 //! Used by the edge agent (scoring decisions) and the cloud trainer (fine-tuning). Everything
 //! runs on CPU and uses CUDA when `tch` sees a GPU.
 
+pub mod config;
+pub mod device;
 pub mod error;
 pub mod gguf;
+pub mod inference;
+pub mod llama;
 pub mod tokenizer;
+pub mod weights;
 
+pub use config::LlamaConfig;
 pub use error::{Error, Result};
+pub use inference::{GenerateOptions, Generation, Prefix, StopReason};
+pub use llama::{KvCache, Llama, Padding};
+pub use weights::{SaveDtype, load_pretrained};

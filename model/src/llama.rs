@@ -1,0 +1,726 @@
+//! The Llama-architecture decoder (SmolLM2) in libtorch, and its KV cache.
+//!
+//! The computation follows Hugging Face's `LlamaForCausalLM` operation for operation, so logits
+//! agree with `transformers` in f32 to rounding: RMSNorm, rotary embeddings in the HF
+//! `rotate_half` convention on HF-ordered (un-permuted) q/k weights, grouped-query attention via
+//! `scaled_dot_product_attention`, SwiGLU MLP, optionally tied output head.
+//!
+//! Parameters live in a [`tch::nn::VarStore`] under their Hugging Face names
+//! (`model.layers.3.self_attn.q_proj.weight`, …), so the trainer can hand them to an optimizer,
+//! freeze any subset by name, and save them back with the names `transformers` expects. They
+//! are loaded frozen (`requires_grad = false`); inference paths additionally run under
+//! `no_grad`.
+//!
+//! Batches of sequences of different lengths are padded; the [`KvCache`] records per slot
+//! whether it holds a real token, and positions count real tokens only, so a padded row
+//! computes exactly what it would alone. Padded query slots attend to themselves only, which
+//! keeps softmax finite; their outputs are never read.
+//!
+//! A `Llama` is `Send` but not `Sync` (libtorch tensors are not): run it on one thread at a time.
+
+use tch::{Device, Kind, Tensor, nn};
+use tracing::debug;
+
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+
+/// Which side of a row shorter than the batch's longest is filled with padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// Padding before the tokens: the last slot of every non-empty row is a real token, which
+    /// is what prompt prefill wants (the next-token logits sit at one index for all rows).
+    Left,
+    /// Padding after the tokens: every row's real tokens start at the same slot, which suits
+    /// continuations scored position by position.
+    Right,
+}
+
+/// One decoder layer's weights, each `[out_features, in_features]` as in Hugging Face.
+struct Layer {
+    input_layernorm: Tensor,
+    q_proj: Tensor,
+    k_proj: Tensor,
+    v_proj: Tensor,
+    o_proj: Tensor,
+    post_attention_layernorm: Tensor,
+    gate_proj: Tensor,
+    up_proj: Tensor,
+    down_proj: Tensor,
+}
+
+/// The HF names of one layer's tensors, in [`Layer`] field order, with their shapes.
+fn layer_tensor_specs(config: &LlamaConfig, layer: usize) -> Vec<(String, Vec<i64>)> {
+    let h = config.hidden_size as i64;
+    let kv = config.kv_dim() as i64;
+    let i = config.intermediate_size as i64;
+    let p = format!("model.layers.{layer}");
+    vec![
+        (format!("{p}.input_layernorm.weight"), vec![h]),
+        (format!("{p}.self_attn.q_proj.weight"), vec![h, h]),
+        (format!("{p}.self_attn.k_proj.weight"), vec![kv, h]),
+        (format!("{p}.self_attn.v_proj.weight"), vec![kv, h]),
+        (format!("{p}.self_attn.o_proj.weight"), vec![h, h]),
+        (format!("{p}.post_attention_layernorm.weight"), vec![h]),
+        (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
+        (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
+        (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
+    ]
+}
+
+/// Every tensor a model with `config` has, by Hugging Face name, with its shape; in the order
+/// `transformers` lists them (embeddings, layers, final norm, head).
+pub fn tensor_specs(config: &LlamaConfig) -> Vec<(String, Vec<i64>)> {
+    let h = config.hidden_size as i64;
+    let v = config.vocab_size as i64;
+    let mut specs = vec![("model.embed_tokens.weight".to_owned(), vec![v, h])];
+    for layer in 0..config.num_hidden_layers {
+        specs.extend(layer_tensor_specs(config, layer));
+    }
+    specs.push(("model.norm.weight".to_owned(), vec![h]));
+    if !config.tie_word_embeddings {
+        specs.push(("lm_head.weight".to_owned(), vec![v, h]));
+    }
+    specs
+}
+
+/// A Llama-architecture causal language model on one device.
+pub struct Llama {
+    config: LlamaConfig,
+    vs: nn::VarStore,
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    /// The output projection; shares storage with `embed_tokens` when the head is tied.
+    lm_head: Tensor,
+    /// `1 / θ^(2i/d)` for the rotary embedding, `[head_dim / 2]`, f32.
+    inv_freq: Tensor,
+}
+
+impl std::fmt::Debug for Llama {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Llama").field("config", &self.config).field("device", &self.device()).finish()
+    }
+}
+
+impl Llama {
+    /// Builds a model on `device` from tensors supplied by `fetch(hf_name, expected_shape)`.
+    ///
+    /// `fetch` is called once per tensor of [`tensor_specs`], in order, and may return the
+    /// tensor on any device and in any float kind; it is converted to f32 on `device` and its
+    /// shape checked. Fetching one tensor at a time keeps peak memory at one tensor beyond the
+    /// model itself.
+    pub fn from_fetch(
+        config: LlamaConfig,
+        device: Device,
+        mut fetch: impl FnMut(&str, &[i64]) -> Result<Tensor>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let vs = nn::VarStore::new(device);
+        let mut load = |name: &str, shape: &[i64]| -> Result<Tensor> {
+            let t = fetch(name, shape)?;
+            if t.size() != shape {
+                return Err(Error::weights(name, format!("shape {:?}, expected {shape:?}", t.size())));
+            }
+            if !t.is_floating_point() {
+                return Err(Error::weights(name, format!("kind {:?} is not a float type", t.kind())));
+            }
+            let t = t.to_device(device).to_kind(Kind::Float).contiguous().detach();
+            // VarStore paths are dot-separated: walk to the parent path, add the leaf. Registered
+            // as trainable so the trainer can unfreeze it; frozen below.
+            let (parent, leaf) = name.rsplit_once('.').unwrap_or(("", name));
+            let mut path = vs.root();
+            for part in parent.split('.').filter(|p| !p.is_empty()) {
+                path = path.sub(part);
+            }
+            Ok(path.add(leaf, t, true))
+        };
+        let specs = tensor_specs(&config);
+        let mut specs = specs.iter();
+        let mut next = || specs.next().expect("tensor_specs lists every tensor the model loads");
+        let (name, shape) = next();
+        let embed_tokens = load(name, shape)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for _ in 0..config.num_hidden_layers {
+            let mut t = || {
+                let (name, shape) = next();
+                load(name, shape)
+            };
+            layers.push(Layer {
+                input_layernorm: t()?,
+                q_proj: t()?,
+                k_proj: t()?,
+                v_proj: t()?,
+                o_proj: t()?,
+                post_attention_layernorm: t()?,
+                gate_proj: t()?,
+                up_proj: t()?,
+                down_proj: t()?,
+            });
+        }
+        let (name, shape) = next();
+        let norm = load(name, shape)?;
+        let lm_head = if config.tie_word_embeddings {
+            embed_tokens.shallow_clone()
+        } else {
+            let (name, shape) = next();
+            load(name, shape)?
+        };
+        let mut vs = vs;
+        vs.freeze();
+
+        // Exactly HF's LlamaRotaryEmbedding: int64 arange cast to f32, divided, θ^x in f32.
+        let half = config.head_dim as i64 / 2;
+        let exponent = Tensor::arange_start_step(0, 2 * half, 2, (Kind::Int64, device)).to_kind(Kind::Float)
+            / config.head_dim as f64;
+        let inv_freq = Tensor::pow_scalar(config.rope_theta, &exponent).reciprocal();
+        debug!(
+            layers = config.num_hidden_layers,
+            hidden = config.hidden_size,
+            params = config.num_parameters(),
+            ?device,
+            "llama model built"
+        );
+        Ok(Llama { config, vs, embed_tokens, layers, norm, lm_head, inv_freq })
+    }
+
+    /// The architecture hyper-parameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// The parameter store, for optimizers and freezing (names are Hugging Face's).
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    /// Mutable access to the parameter store (`freeze`, `unfreeze`, device moves are not
+    /// supported: the model keeps shallow handles to its tensors).
+    pub fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
+    }
+
+    /// Every parameter by Hugging Face name, sorted by name (handles share storage with the
+    /// model). The tied head is not listed separately, as in `transformers`' own files.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut all: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Sets `requires_grad` on the parameters whose names satisfy `select` and clears it on all
+    /// others; returns how many parameters are now trainable. E.g. train only the last two
+    /// layers with `|n| n.starts_with("model.layers.28.") || n.starts_with("model.layers.29.")`.
+    pub fn set_trainable(&self, mut select: impl FnMut(&str) -> bool) -> usize {
+        let mut count = 0;
+        for (name, t) in self.vs.variables() {
+            let on = select(&name);
+            let _ = t.set_requires_grad(on);
+            count += usize::from(on);
+        }
+        count
+    }
+
+    /// Checks that every id is inside the vocabulary (ids are untrusted input).
+    pub(crate) fn check_ids<'a>(&self, rows: impl IntoIterator<Item = &'a [u32]>) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        for row in rows {
+            if let Some(&bad) = row.iter().find(|&&id| id as usize >= vocab) {
+                return Err(Error::input(format!("token id {bad} is outside the vocabulary of {vocab}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Logits of the whole batch, for training and evaluation: `input_ids` `[B, T]` (int64) and
+    /// an optional `attention_mask` `[B, T]` (1 for real tokens, 0 for padding, either side).
+    /// Returns `[B, T, vocab]` f32; differentiable unless called under `no_grad`.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let size = input_ids.size();
+        let &[b, t] = size.as_slice() else {
+            return Err(Error::input(format!("input_ids must be [batch, len], got {size:?}")));
+        };
+        if t == 0 {
+            return Err(Error::input("input_ids has no positions"));
+        }
+        if t as usize > self.config.max_position_embeddings {
+            return Err(Error::input(format!("{t} positions exceed the context of the model")));
+        }
+        let device = self.device();
+        let ids = input_ids.to_device(device).to_kind(Kind::Int64);
+        let (min, max) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
+        if min < 0 || max >= self.config.vocab_size as i64 {
+            return Err(Error::input(format!("token ids span {min}..={max}, outside the vocabulary")));
+        }
+        let (positions, mask, causal) = match attention_mask {
+            None => (Tensor::arange(t, (Kind::Int64, device)).expand([b, t], true), None, true),
+            Some(m) => {
+                if m.size() != size {
+                    return Err(Error::input(format!("attention_mask {:?} != input_ids {size:?}", m.size())));
+                }
+                let valid = m.to_device(device).to_kind(Kind::Bool);
+                let positions = (valid.to_kind(Kind::Int64).cumsum(-1, Kind::Int64) - 1).clamp_min(0);
+                let causal = Tensor::ones([t, t], (Kind::Bool, device)).tril(0);
+                let diag = Tensor::eye(t, (Kind::Bool, device));
+                // [B, 1, T, T]: causal, real keys only, and always the slot itself.
+                let mask =
+                    causal.unsqueeze(0).logical_and(&valid.unsqueeze(1)).logical_or(&diag).unsqueeze(1);
+                (positions, Some(mask), false)
+            }
+        };
+        let x = Tensor::embedding(&self.embed_tokens, &ids, -1, false, false);
+        let hidden = self.run_layers(x, &positions, mask.as_ref(), causal, None);
+        Ok(hidden.linear::<Tensor>(&self.lm_head, None))
+    }
+
+    /// Runs `rows` (one per sequence of `cache`, possibly of different lengths, possibly empty)
+    /// through the model after the tokens already in `cache`, and appends their keys and values.
+    /// Returns the final-norm hidden states `[B, T, hidden]` where `T` is the longest row;
+    /// [`KvCache::last_hidden`] then holds each row's state after its last real token.
+    pub fn forward_cached(&self, cache: &mut KvCache, rows: &[&[u32]], padding: Padding) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let b = cache.batch;
+        if rows.len() != b as usize {
+            return Err(Error::input(format!("{} rows for a cache of {b} sequences", rows.len())));
+        }
+        self.check_ids(rows.iter().copied())?;
+        let t = rows.iter().map(|r| r.len()).max().unwrap_or(0) as i64;
+        if t == 0 {
+            return Err(Error::input("every row is empty"));
+        }
+        if cache.len + t > cache.capacity {
+            return Err(Error::input(format!(
+                "{} cached + {t} new positions exceed the cache capacity {}",
+                cache.len, cache.capacity
+            )));
+        }
+        let max_position = rows.iter().zip(&cache.next_position).map(|(r, &p)| p + r.len() as i64).max();
+        if max_position.unwrap_or(0) > self.config.max_position_embeddings as i64 {
+            return Err(Error::input("sequence exceeds the context length of the model"));
+        }
+
+        // Lay out ids, positions and slot validity on the CPU, then upload once.
+        let n = (b * t) as usize;
+        let (mut ids, mut pos, mut valid) = (vec![0i64; n], vec![0i64; n], vec![false; n]);
+        let mut last = Vec::with_capacity(b as usize);
+        for (r, row) in rows.iter().enumerate() {
+            let start = match padding {
+                Padding::Left => t as usize - row.len(),
+                Padding::Right => 0,
+            };
+            let base = r * t as usize + start;
+            for (k, &id) in row.iter().enumerate() {
+                ids[base + k] = i64::from(id);
+                pos[base + k] = cache.next_position[r] + k as i64;
+                valid[base + k] = true;
+            }
+            // Padding slots get the row's next position: in range, and never attended to.
+            for s in 0..t as usize {
+                if !valid[r * t as usize + s] {
+                    pos[r * t as usize + s] = cache.next_position[r];
+                }
+            }
+            last.push((!row.is_empty()).then(|| (start + row.len() - 1) as i64));
+        }
+        let padded_step = valid.iter().any(|v| !v);
+        let start = cache.len;
+        let device = self.device();
+        let mask = if cache.padded || padded_step || (start > 0 && t > 1) {
+            Some(cache.attention_mask(&valid, t, device))
+        } else {
+            None
+        };
+        let ids_t = Tensor::from_slice(&ids).view([b, t]).to_device(device);
+        let pos_t = Tensor::from_slice(&pos).view([b, t]).to_device(device);
+        let x = Tensor::embedding(&self.embed_tokens, &ids_t, -1, false, false);
+        // Without a mask and with an empty cache, plain causal attention is exact and lets
+        // libtorch pick its flash kernel; one new token with nothing padded needs no mask at all.
+        let causal = mask.is_none() && start == 0 && t > 1;
+        let hidden = self.run_layers(x, &pos_t, mask.as_ref(), causal, Some(cache));
+
+        for (r, row) in rows.iter().enumerate() {
+            for s in 0..t as usize {
+                cache.valid[r][(start as usize) + s] = valid[r * t as usize + s];
+            }
+            cache.next_position[r] += row.len() as i64;
+        }
+        cache.len += t;
+        cache.padded |= padded_step;
+        // Each row's state after its last real token; rows without new tokens keep theirs.
+        let index: Vec<i64> = last.iter().map(|l| l.unwrap_or(0)).collect();
+        let index = Tensor::from_slice(&index).to_device(device);
+        let gathered = hidden
+            .gather(1, &index.view([b, 1, 1]).expand([b, 1, hidden.size()[2]], true), false)
+            .squeeze_dim(1);
+        let keep: Vec<bool> = last.iter().map(Option::is_none).collect();
+        cache.last_hidden = Some(match (&cache.last_hidden, keep.iter().any(|&k| k)) {
+            (Some(old), true) => {
+                let keep = Tensor::from_slice(&keep).to_device(device).view([b, 1]);
+                old.where_self(&keep, &gathered)
+            }
+            _ => gathered,
+        });
+        Ok(hidden)
+    }
+
+    /// Output logits `[.., vocab]` for final-norm hidden states `[.., hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.linear::<Tensor>(&self.lm_head, None)
+    }
+
+    /// Allocates a cache for `batch` sequences of up to `capacity` positions in total.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        KvCache::new(&self.config, self.device(), batch, capacity)
+    }
+
+    /// The decoder stack: layers, then the final norm. `positions` `[B, T]`, `mask` `[B, 1, T, S]`.
+    fn run_layers(
+        &self,
+        mut x: Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        causal: bool,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let c = &self.config;
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let (nh, nkv, hd) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim as i64);
+        let (cos, sin) = self.rotary(positions);
+        let eps = c.rms_norm_eps;
+        let start = cache.as_ref().map_or(0, |k| k.len);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.input_layernorm, eps);
+            let q = h.linear::<Tensor>(&layer.q_proj, None).view([b, t, nh, hd]).transpose(1, 2);
+            let k = h.linear::<Tensor>(&layer.k_proj, None).view([b, t, nkv, hd]).transpose(1, 2);
+            let v = h.linear::<Tensor>(&layer.v_proj, None).view([b, t, nkv, hd]).transpose(1, 2);
+            let q = apply_rotary(&q, &cos, &sin);
+            let k = apply_rotary(&k, &cos, &sin);
+            let (k, v) = match cache.as_deref_mut() {
+                Some(cache) => {
+                    let end = start + t;
+                    cache.keys[l].narrow(2, start, t).copy_(&k);
+                    cache.values[l].narrow(2, start, t).copy_(&v);
+                    (cache.keys[l].narrow(2, 0, end), cache.values[l].narrow(2, 0, end))
+                }
+                None => (k, v),
+            };
+            let attn = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, nkv != nh);
+            let attn = attn.transpose(1, 2).reshape([b, t, nh * hd]);
+            // Out of place on purpose: rms_norm saved `x` for backward, so `+=` would break training.
+            x = &x + attn.linear::<Tensor>(&layer.o_proj, None);
+            let h = rms_norm(&x, &layer.post_attention_layernorm, eps);
+            let gate = h.linear::<Tensor>(&layer.gate_proj, None).silu();
+            let up = h.linear::<Tensor>(&layer.up_proj, None);
+            x = &x + (gate * up).linear::<Tensor>(&layer.down_proj, None);
+        }
+        rms_norm(&x, &self.norm, eps)
+    }
+
+    /// `cos` and `sin` of the rotary angles for `positions` `[B, T]`, each `[B, 1, T, head_dim]`.
+    fn rotary(&self, positions: &Tensor) -> (Tensor, Tensor) {
+        // Same association as HF (position × inv_freq in f32), so the angles agree bit for bit.
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+        (emb.cos(), emb.sin())
+    }
+}
+
+/// HF's `LlamaRMSNorm`: `weight * x / sqrt(mean(x²) + eps)`, computed in f32.
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    let dim = weight.size()[0];
+    Tensor::rms_norm(x, [dim], Some(weight), Some(eps))
+}
+
+/// HF's `apply_rotary_pos_emb`: `x * cos + rotate_half(x) * sin`, `rotate_half(x) = [-x₂, x₁]`.
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let x1 = x.narrow(3, 0, half);
+    let x2 = x.narrow(3, half, half);
+    let rotated = Tensor::cat(&[&x2.neg(), &x1], 3);
+    x * cos + rotated * sin
+}
+
+/// Keys and values of every layer for a batch of sequences, preallocated to a capacity so a
+/// decode step writes in place instead of re-allocating.
+///
+/// Invariant: slots `0..len` are written for every row; `valid[r][s]` says whether slot `s` of
+/// row `r` holds a real token (padding does not); `next_position[r]` is the number of real
+/// tokens row `r` has seen, i.e. the position its next token takes.
+pub struct KvCache {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    batch: i64,
+    len: i64,
+    capacity: i64,
+    valid: Vec<Vec<bool>>,
+    next_position: Vec<i64>,
+    /// Whether any slot so far is padding (then every step needs an explicit mask).
+    padded: bool,
+    /// Each row's final-norm hidden state after its last real token, `[B, hidden]`.
+    last_hidden: Option<Tensor>,
+}
+
+impl std::fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache")
+            .field("batch", &self.batch)
+            .field("len", &self.len)
+            .field("capacity", &self.capacity)
+            .field("padded", &self.padded)
+            .finish()
+    }
+}
+
+impl KvCache {
+    fn new(config: &LlamaConfig, device: Device, batch: usize, capacity: usize) -> Result<Self> {
+        if batch == 0 || capacity == 0 {
+            return Err(Error::input("a cache needs at least one sequence and one position"));
+        }
+        let limit = config.max_position_embeddings.saturating_mul(4);
+        if capacity > limit || batch > 1 << 16 {
+            return Err(Error::input(format!("cache of {batch} x {capacity} positions is too large")));
+        }
+        let shape =
+            [batch as i64, config.num_key_value_heads as i64, capacity as i64, config.head_dim as i64];
+        let alloc = || Tensor::zeros(shape, (Kind::Float, device));
+        Ok(KvCache {
+            keys: (0..config.num_hidden_layers).map(|_| alloc()).collect(),
+            values: (0..config.num_hidden_layers).map(|_| alloc()).collect(),
+            batch: batch as i64,
+            len: 0,
+            capacity: capacity as i64,
+            valid: vec![vec![false; capacity]; batch],
+            next_position: vec![0; batch],
+            padded: false,
+            last_hidden: None,
+        })
+    }
+
+    /// Number of sequences.
+    pub fn batch(&self) -> usize {
+        self.batch as usize
+    }
+
+    /// Number of slots written (real or padding), the same for every row.
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// Whether nothing has been written yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Total slots available.
+    pub fn capacity(&self) -> usize {
+        self.capacity as usize
+    }
+
+    /// Number of real tokens seen by each row.
+    pub fn positions(&self) -> &[i64] {
+        &self.next_position
+    }
+
+    /// Each row's final-norm hidden state after its last real token, `[B, hidden]`; `None`
+    /// until a row has seen a token.
+    pub fn last_hidden(&self) -> Option<&Tensor> {
+        self.last_hidden.as_ref()
+    }
+
+    /// A new cache whose row `i` is a copy of row `rows[i]` of this one (rows may repeat), with
+    /// room for `extra` more positions. This is how a prompt's cache is shared: prefill once,
+    /// then fan out to one row per candidate continuation.
+    pub fn select_rows(&self, rows: &[usize], extra: usize) -> Result<KvCache> {
+        if rows.is_empty() {
+            return Err(Error::input("no rows selected"));
+        }
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.batch as usize) {
+            return Err(Error::input(format!("row {bad} of a cache of {} rows", self.batch)));
+        }
+        let _guard = tch::no_grad_guard();
+        let device = self.keys.first().map_or(Device::Cpu, Tensor::device);
+        let index: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let index = Tensor::from_slice(&index).to_device(device);
+        let capacity = self.len + extra as i64;
+        let copy = |src: &Tensor| {
+            let mut shape = src.size();
+            shape[0] = rows.len() as i64;
+            shape[2] = capacity;
+            let dst = Tensor::empty(shape, (src.kind(), device));
+            if self.len > 0 {
+                dst.narrow(2, 0, self.len).copy_(&src.narrow(2, 0, self.len).index_select(0, &index));
+            }
+            dst
+        };
+        let valid = rows
+            .iter()
+            .map(|&r| {
+                let mut v = vec![false; capacity as usize];
+                v[..self.len as usize].copy_from_slice(&self.valid[r][..self.len as usize]);
+                v
+            })
+            .collect();
+        Ok(KvCache {
+            keys: self.keys.iter().map(copy).collect(),
+            values: self.values.iter().map(copy).collect(),
+            batch: rows.len() as i64,
+            len: self.len,
+            capacity,
+            valid,
+            next_position: rows.iter().map(|&r| self.next_position[r]).collect(),
+            padded: self.padded,
+            last_hidden: self.last_hidden.as_ref().map(|h| h.index_select(0, &index)),
+        })
+    }
+
+    /// The `[B, 1, T, len + T]` boolean mask for `t` new slots whose validity is `new_valid`
+    /// (row-major `[B, T]`): causal, real keys only, and every slot may see itself.
+    fn attention_mask(&self, new_valid: &[bool], t: i64, device: Device) -> Tensor {
+        let (b, start) = (self.batch as usize, self.len as usize);
+        let (t, s) = (t as usize, start + t as usize);
+        let mut mask = vec![false; b * t * s];
+        for r in 0..b {
+            let key_valid =
+                |j: usize| if j < start { self.valid[r][j] } else { new_valid[r * t + (j - start)] };
+            for i in 0..t {
+                let row = &mut mask[(r * t + i) * s..(r * t + i + 1) * s];
+                for (j, m) in row.iter_mut().enumerate().take(start + i + 1) {
+                    *m = j == start + i || key_valid(j);
+                }
+            }
+        }
+        Tensor::from_slice(&mask).view([b as i64, 1, t as i64, s as i64]).to_device(device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny random model: small enough to build in milliseconds.
+    pub(crate) fn tiny(seed: i64) -> Llama {
+        let config = LlamaConfig {
+            vocab_size: 50,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 4,
+            max_position_embeddings: 64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_word_embeddings: true,
+            bos_token_id: None,
+            eos_token_id: Some(1),
+            pad_token_id: None,
+        };
+        tch::manual_seed(seed);
+        Llama::from_fetch(config, Device::Cpu, |name, shape| {
+            let t = Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 0.5;
+            Ok(if name.ends_with("norm.weight") { t + 1.0 } else { t })
+        })
+        .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn padded_rows_compute_what_they_compute_alone() {
+        let model = tiny(1);
+        let rows: [&[u32]; 3] = [&[3, 4, 5, 6, 7], &[8, 9], &[10, 11, 12]];
+        for padding in [Padding::Left, Padding::Right] {
+            let mut batch = model.new_cache(3, 8).unwrap();
+            let _ = model.forward_cached(&mut batch, &rows, padding).unwrap();
+            let batched = batch.last_hidden().unwrap().shallow_clone();
+            for (r, row) in rows.iter().enumerate() {
+                let mut single = model.new_cache(1, 8).unwrap();
+                let _ = model.forward_cached(&mut single, &[row], padding).unwrap();
+                let alone = single.last_hidden().unwrap().get(0);
+                assert!(max_diff(&batched.get(r as i64), &alone) < 1e-5, "{padding:?} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn cached_decoding_equals_full_forward() {
+        let model = tiny(2);
+        let ids: Vec<u32> = vec![5, 17, 23, 2, 44, 9, 31];
+        let full = tch::no_grad(|| {
+            let t = Tensor::from_slice(&ids.iter().map(|&i| i64::from(i)).collect::<Vec<_>>()).view([1, -1]);
+            model.forward(&t, None).unwrap()
+        });
+        let mut cache = model.new_cache(1, ids.len()).unwrap();
+        let _ = model.forward_cached(&mut cache, &[&ids[..3]], Padding::Left).unwrap();
+        for (k, id) in ids.iter().enumerate().skip(3) {
+            let _ = model.forward_cached(&mut cache, &[&[*id]], Padding::Left).unwrap();
+            let step = model.logits(cache.last_hidden().unwrap()).get(0);
+            assert!(max_diff(&step, &full.get(0).get(k as i64)) < 1e-4, "position {k}");
+        }
+        // Two new tokens at once after a cached prefix (offset causal mask).
+        let mut cache = model.new_cache(1, ids.len()).unwrap();
+        let _ = model.forward_cached(&mut cache, &[&ids[..4]], Padding::Left).unwrap();
+        let h = model.forward_cached(&mut cache, &[&ids[4..6]], Padding::Left).unwrap();
+        assert!(max_diff(&model.logits(&h).get(0), &full.get(0).narrow(0, 4, 2)) < 1e-4);
+    }
+
+    #[test]
+    fn masked_forward_matches_unpadded_rows() {
+        let model = tiny(3);
+        let ids = Tensor::from_slice(&[0i64, 0, 7, 8, 9, 10, 11, 12, 13, 14]).view([2, 5]);
+        let mask = Tensor::from_slice(&[0i64, 0, 1, 1, 1, 1, 1, 1, 1, 1]).view([2, 5]);
+        let batched = tch::no_grad(|| model.forward(&ids, Some(&mask)).unwrap());
+        let alone = tch::no_grad(|| model.forward(&ids.get(0).narrow(0, 2, 3).view([1, 3]), None).unwrap());
+        assert!(max_diff(&batched.get(0).narrow(0, 2, 3), &alone.get(0)) < 1e-5);
+        let all = tch::no_grad(|| model.forward(&ids.get(1).view([1, 5]), None).unwrap());
+        assert!(max_diff(&batched.get(1), &all.get(0)) < 1e-5);
+    }
+
+    #[test]
+    fn select_rows_fans_out_a_prefix() {
+        let model = tiny(4);
+        let mut cache = model.new_cache(2, 4).unwrap();
+        let _ = model.forward_cached(&mut cache, &[&[3, 4], &[5]], Padding::Left).unwrap();
+        let mut fan = cache.select_rows(&[1, 0, 1], 2).unwrap();
+        assert_eq!(fan.positions(), &[1, 2, 1]);
+        let _ = model.forward_cached(&mut fan, &[&[9], &[9], &[9]], Padding::Left).unwrap();
+        let h = fan.last_hidden().unwrap();
+        assert!(max_diff(&h.get(0), &h.get(2)) < 1e-6);
+        let mut alone = model.new_cache(1, 3).unwrap();
+        let _ = model.forward_cached(&mut alone, &[&[5, 9]], Padding::Left).unwrap();
+        assert!(max_diff(&h.get(0), &alone.last_hidden().unwrap().get(0)) < 1e-5);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors_not_panics() {
+        let model = tiny(5);
+        let mut cache = model.new_cache(1, 4).unwrap();
+        assert!(model.forward_cached(&mut cache, &[&[50]], Padding::Left).is_err());
+        assert!(model.forward_cached(&mut cache, &[&[]], Padding::Left).is_err());
+        assert!(model.forward_cached(&mut cache, &[&[1], &[2]], Padding::Left).is_err());
+        assert!(model.forward_cached(&mut cache, &[&[1, 2, 3, 4, 5]], Padding::Left).is_err());
+        assert!(model.new_cache(0, 4).is_err());
+        assert!(cache.select_rows(&[1], 0).is_err());
+        let ids = Tensor::from_slice(&[1i64, 99]).view([1, 2]);
+        assert!(model.forward(&ids, None).is_err());
+        let ids = Tensor::from_slice(&[1i64, 2]);
+        assert!(model.forward(&ids, None).is_err());
+    }
+
+    #[test]
+    fn set_trainable_selects_by_name() {
+        let model = tiny(6);
+        let n = model.set_trainable(|name| name.starts_with("model.layers.1."));
+        assert_eq!(n, 9);
+        let trainable: Vec<String> =
+            model.named_tensors().into_iter().filter(|(_, t)| t.requires_grad()).map(|(n, _)| n).collect();
+        assert!(trainable.iter().all(|n| n.starts_with("model.layers.1.")));
+        assert_eq!(trainable.len(), 9);
+    }
+}
