@@ -236,3 +236,21 @@ fn unsupported_or_broken_tokenizer_metadata_is_an_error() {
         Tokenizer::from_gguf(&Gguf::from_bytes(eos_out_of_range.bytes).unwrap()).unwrap_err().to_string();
     assert!(err.contains("eos_token_id") && err.contains("out of vocabulary"), "{err}");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+    /// Byte-level BPE is lossless: any text, special-token look-alikes included, decodes back.
+    #[test]
+    fn decode_inverts_encode_for_any_text(
+        text in proptest::prop_oneof![
+            proptest::prelude::any::<String>(),
+            "[ a-z0-9\\n\\t<|>_]{0,64}",
+            "(<\\|im_(start|end)\\|>|[ \\n]{1,3}|[a-zé中😀]{1,4}){0,12}",
+        ]
+    ) {
+        let tok = tokenizer();
+        let ids = tok.encode(&text).unwrap();
+        proptest::prop_assert_eq!(tok.decode(&ids).unwrap(), text);
+    }
+}
