@@ -3,6 +3,7 @@
 //! manifest and the safetensors layout alone.
 
 pub mod blobs;
+pub mod config;
 pub mod error;
 pub mod registry;
 pub mod server;

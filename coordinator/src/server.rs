@@ -1,1 +1,161 @@
 //! Wires the gRPC services, health, reflection and middleware into one server.
+//!
+//! Layer order follows tonic's own stack (see STYLE.md): a span per request (with the W3C
+//! trace context of the caller as parent) → limits (per-request timeout, per-connection
+//! concurrency, global load shedding) → the services. Health and reflection are always
+//! served; reflection advertises exactly the services that were added, and health reports
+//! each of them SERVING until shutdown begins.
+
+use std::{net::SocketAddr, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    server::NamedService,
+    service::{Routes, RoutesBuilder},
+};
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+/// Limits applied to every RPC.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Deadline of a unary RPC (streams are bounded by their own idle checks).
+    pub request_timeout: Duration,
+    /// Concurrent requests per connection.
+    pub per_connection_concurrency: usize,
+    /// Concurrent requests across all connections before new ones are shed with
+    /// `UNAVAILABLE` instead of queueing.
+    pub global_concurrency: usize,
+    /// Largest decoded or encoded message in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request_timeout: Duration::from_secs(30),
+            per_connection_concurrency: 256,
+            global_concurrency: 4096,
+            max_message_bytes: 8 << 20,
+        }
+    }
+}
+
+/// The services one coordinator serves, collected before the server starts.
+pub struct ServiceSet {
+    routes: RoutesBuilder,
+    names: Vec<&'static str>,
+    health: HealthReporter,
+}
+
+impl Default for ServiceSet {
+    fn default() -> Self {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let mut routes = RoutesBuilder::default();
+        routes.add_service(health_service);
+        ServiceSet { routes, names: Vec::new(), health }
+    }
+}
+
+impl ServiceSet {
+    /// Adds a service; it is advertised by reflection and reported by health.
+    pub fn add<S>(&mut self, service: S) -> &mut Self
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Names of the services added so far.
+    pub fn names(&self) -> &[&'static str] {
+        &self.names
+    }
+
+    /// The health reporter, for services that want to report their own status.
+    pub fn health(&self) -> HealthReporter {
+        self.health.clone()
+    }
+}
+
+/// Serves `services` on `listener` until `shutdown` is cancelled, then drains in-flight
+/// requests (tonic waits for them) and reports NOT_SERVING first so load balancers move away.
+pub async fn serve(
+    listener: TcpListener,
+    services: ServiceSet,
+    limits: Limits,
+    shutdown: CancellationToken,
+) -> crate::Result<()> {
+    let addr = listener.local_addr()?;
+    let ServiceSet { mut routes, names, health } = services;
+
+    let mut reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(llmchain_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection");
+    for name in &names {
+        reflection = reflection.with_service_name(*name);
+    }
+    let reflection = reflection
+        .build_v1()
+        .map_err(|e| crate::Error::Api(llmchain_proto::ApiError::Internal(format!("reflection: {e}"))))?;
+
+    for name in &names {
+        health.set_service_status(*name, ServingStatus::Serving).await;
+    }
+    health.set_service_status("", ServingStatus::Serving).await;
+    routes.add_service(reflection);
+    let routes: Routes = routes.routes();
+
+    tracing::info!(%addr, services = ?names, "coordinator serving");
+    let drain = {
+        let health = health.clone();
+        let names = names.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            for name in &names {
+                health.set_service_status(*name, ServingStatus::NotServing).await;
+            }
+            health.set_service_status("", ServingStatus::NotServing).await;
+            tracing::info!("draining in-flight requests");
+        }
+    };
+
+    tonic::transport::Server::builder()
+        .timeout(limits.request_timeout)
+        .concurrency_limit_per_connection(limits.per_connection_concurrency)
+        .layer(tower::load_shed::LoadShedLayer::new())
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limits.global_concurrency))
+        .trace_fn(|req| {
+            let span = tracing::info_span!("grpc", path = %req.uri().path());
+            let metadata = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
+            llmchain_runtime::telemetry::link_parent(&span, &metadata);
+            span
+        })
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
+        .await
+        .map_err(|e| crate::Error::Api(llmchain_proto::ApiError::Unavailable(format!("server: {e}"))))?;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}
+
+/// Binds `addr`, reporting a clear error when it is taken.
+pub async fn bind(addr: SocketAddr) -> crate::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| crate::Error::Io(std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))))
+}
