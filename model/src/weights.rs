@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, SafeTensors, View};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView, View};
 use tch::{Device, Kind, Tensor};
 use tracing::{debug, info};
 
@@ -250,6 +250,7 @@ impl Llama {
             .map_err(|source| Error::Io { path: path.clone(), source })?;
         let st = SafeTensors::deserialize(&map).map_err(|e| Error::safetensors(&path, format!("{e:?}")))?;
 
+        let tied = config.tie_word_embeddings;
         let specs = tensor_specs(&config);
         let expected: HashSet<&str> = specs.iter().map(|(n, _)| n.as_str()).collect();
         for name in st.names() {
@@ -261,19 +262,23 @@ impl Llama {
         }
         let model = Llama::from_fetch(config, device, |name, shape| {
             let view = st.tensor(name).map_err(|_| Error::weights(name, "missing from model.safetensors"))?;
-            let dims: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-            if dims != shape {
-                return Err(Error::weights(name, format!("shape {dims:?}, expected {shape:?}")));
+            let t = view_to_f32(name, &view)?;
+            if t.size() != shape {
+                return Err(Error::weights(name, format!("shape {:?}, expected {shape:?}", t.size())));
             }
-            let kind = match view.dtype() {
-                Dtype::F32 => Kind::Float,
-                Dtype::BF16 => Kind::BFloat16,
-                Dtype::F16 => Kind::Half,
-                other => return Err(Error::weights(name, format!("dtype {other:?} is not a float type"))),
-            };
-            // Copies out of the map (the tensor must outlive it); one tensor at a time.
-            Ok(Tensor::from_data_size(view.data(), &dims, kind).to_kind(Kind::Float))
+            Ok(t)
         })?;
+        if let Some(head) = if tied { st.tensor("lm_head.weight").ok() } else { None } {
+            // A tied config with a stored head (some transformers versions write it): it must be
+            // the embeddings, or the model we built would silently compute something else.
+            let head = view_to_f32("lm_head.weight", &head)?;
+            let embed = model.named_tensors().into_iter().find(|(n, _)| n == "model.embed_tokens.weight");
+            let same =
+                embed.is_some_and(|(_, e)| e.size() == head.size() && e.to_device(Device::Cpu).equal(&head));
+            if !same {
+                return Err(Error::weights("lm_head.weight", "differs from the embeddings of a tied config"));
+            }
+        }
         debug!(dir = %dir.display(), tensors = st.len(), "loaded safetensors model");
         Ok(model)
     }
@@ -298,6 +303,19 @@ pub fn load_pretrained(path: &Path, device: Device) -> Result<(Llama, Option<Tok
         info!(path = %path.display(), ?device, "loaded gguf model and tokenizer");
         Ok((model, Some(tokenizer)))
     }
+}
+
+/// Copies a safetensors tensor out of the file as an f32 CPU tensor (the model must outlive
+/// the map, so no borrowing).
+fn view_to_f32(name: &str, view: &TensorView<'_>) -> Result<Tensor> {
+    let dims: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+    let kind = match view.dtype() {
+        Dtype::F32 => Kind::Float,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F16 => Kind::Half,
+        other => return Err(Error::weights(name, format!("dtype {other:?} is not a float type"))),
+    };
+    Ok(Tensor::f_from_data_size(view.data(), &dims, kind)?.to_kind(Kind::Float))
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
