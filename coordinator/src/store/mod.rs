@@ -16,14 +16,24 @@
 //! - Keys attached to a lease are deleted (with watch delete events) when the lease expires or
 //!   is revoked.
 
+pub mod election;
+pub mod embedded;
+pub mod etcd;
+
+#[cfg(feature = "testing")]
+pub mod conformance;
+#[cfg(feature = "testing")]
+pub mod testing;
+
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use llmchain_proto::ApiError;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// A store revision: the value of the store's single monotonic change counter.
 pub type Revision = i64;
@@ -293,4 +303,119 @@ pub fn validate_key(key: &str) -> Result<()> {
         return Err(ApiError::invalid("key", "must not be empty").into());
     }
     Ok(())
+}
+
+/// Where the state lives, parsed from a `--store` spec by [`StoreSpec::parse`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// `embedded:PATH`: one local redb file.
+    Embedded {
+        /// The database file (created if missing).
+        path: std::path::PathBuf,
+    },
+    /// `etcd:URL[,URL…][?prefix=P]`: an etcd cluster; every key lives under `prefix`
+    /// (default [`etcd::DEFAULT_PREFIX`]).
+    Etcd {
+        /// Client endpoints, e.g. `http://127.0.0.1:2379`.
+        endpoints: Vec<String>,
+        /// Namespace prepended to every key.
+        prefix: String,
+    },
+}
+
+impl StoreSpec {
+    /// Parses `embedded:PATH` or `etcd:URL[,URL…][?prefix=P]`.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let invalid =
+            |reason: &str| Error::InvalidStoreSpec { spec: spec.to_owned(), reason: reason.to_owned() };
+        let Some((scheme, rest)) = spec.split_once(':') else {
+            return Err(invalid("expected embedded:PATH or etcd:URL[,URL...][?prefix=P]"));
+        };
+        match scheme {
+            "embedded" => {
+                if rest.is_empty() {
+                    return Err(invalid("missing file path after embedded:"));
+                }
+                Ok(StoreSpec::Embedded { path: rest.into() })
+            }
+            "etcd" => {
+                let (urls, query) = match rest.split_once('?') {
+                    Some((urls, query)) => (urls, Some(query)),
+                    None => (rest, None),
+                };
+                let mut prefix = etcd::DEFAULT_PREFIX.to_owned();
+                if let Some(query) = query {
+                    for pair in query.split('&') {
+                        match pair.split_once('=') {
+                            Some(("prefix", value)) => prefix = value.to_owned(),
+                            _ => return Err(invalid(&format!("unknown option {pair:?} (only prefix=P)"))),
+                        }
+                    }
+                }
+                let endpoints: Vec<String> = urls.split(',').map(str::trim).map(str::to_owned).collect();
+                for endpoint in &endpoints {
+                    let valid = ["http://", "https://"]
+                        .iter()
+                        .any(|s| endpoint.strip_prefix(s).is_some_and(|host| !host.is_empty()));
+                    if !valid {
+                        return Err(invalid(&format!(
+                            "endpoint {endpoint:?} is not an http(s)://host:port url"
+                        )));
+                    }
+                }
+                Ok(StoreSpec::Etcd { endpoints, prefix })
+            }
+            other => Err(invalid(&format!("unknown store kind {other:?} (embedded or etcd)"))),
+        }
+    }
+}
+
+/// Opens the store a `--store` spec names (see [`StoreSpec::parse`] for the syntax).
+pub async fn open(spec: &str) -> Result<Arc<dyn Store>> {
+    match StoreSpec::parse(spec)? {
+        StoreSpec::Embedded { path } => Ok(Arc::new(embedded::EmbeddedStore::open(&path).await?)),
+        StoreSpec::Etcd { endpoints, prefix } => {
+            Ok(Arc::new(etcd::EtcdStore::connect(&endpoints, &prefix).await?))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_embedded_and_etcd_specs() {
+        assert_eq!(
+            StoreSpec::parse("embedded:/var/lib/llmchain/state.redb").unwrap(),
+            StoreSpec::Embedded { path: "/var/lib/llmchain/state.redb".into() }
+        );
+        assert_eq!(
+            StoreSpec::parse("etcd:http://a:2379,http://b:2379").unwrap(),
+            StoreSpec::Etcd {
+                endpoints: vec!["http://a:2379".into(), "http://b:2379".into()],
+                prefix: etcd::DEFAULT_PREFIX.into()
+            }
+        );
+        assert_eq!(
+            StoreSpec::parse("etcd:https://a:2379?prefix=/team/x/").unwrap(),
+            StoreSpec::Etcd { endpoints: vec!["https://a:2379".into()], prefix: "/team/x/".into() }
+        );
+    }
+
+    #[test]
+    fn rejects_bad_specs_with_a_reason() {
+        for (spec, needle) in [
+            ("state.redb", "expected embedded:PATH"),
+            ("embedded:", "missing file path"),
+            ("zookeeper:x", "unknown store kind"),
+            ("etcd:", "not an http(s)"),
+            ("etcd:127.0.0.1:2379", "not an http(s)"),
+            ("etcd:http://a:2379?ttl=3", "unknown option"),
+        ] {
+            let err = StoreSpec::parse(spec).unwrap_err();
+            assert!(matches!(err, Error::InvalidStoreSpec { .. }), "{spec}: {err}");
+            assert!(err.to_string().contains(needle), "{spec}: {err}");
+        }
+    }
 }
