@@ -146,8 +146,9 @@ fn load(args: &ModelArgs) -> anyhow::Result<(Llama, Tokenizer)> {
     let started = Instant::now();
     let (model, tokenizer) = load_pretrained(&args.model, default_device())
         .with_context(|| format!("loading model {}", args.model.display()))?;
-    let tokenizer = tokenizer
-        .with_context(|| format!("{} has no tokenizer (a model directory needs tokenizer.json)", args.model.display()))?;
+    let tokenizer = tokenizer.with_context(|| {
+        format!("{} has no tokenizer (a model directory needs tokenizer.json)", args.model.display())
+    })?;
     tracing::info!(model = %args.model.display(), elapsed_ms = started.elapsed().as_millis() as u64, "model loaded");
     Ok((model, tokenizer))
 }
@@ -218,11 +219,8 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
             })
         })
         .collect();
-    let best = scores
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| args.labels[i].clone());
+    let best =
+        scores.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| args.labels[i].clone());
     let value = json!({"prompt_ids": prompt, "labels": labels, "best": best});
     println!("{}", serde_json::to_string_pretty(&value)?);
     Ok(())
