@@ -64,3 +64,22 @@ impl From<Error> for tonic::Status {
         ApiError::from(err).into()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_map_to_retryable_or_precise_api_errors() {
+        let unavailable = ApiError::from(Error::StoreUnavailable("etcd: no leader".into()));
+        assert!(matches!(unavailable, ApiError::Unavailable(msg) if msg.contains("no leader")));
+        let compacted = ApiError::from(Error::Compacted { requested: 3, compacted: 9 });
+        assert!(matches!(compacted, ApiError::Unavailable(msg) if msg.contains("compacted up to 9")));
+        assert!(
+            matches!(ApiError::from(Error::LeaseExpired(0x2a)), ApiError::FailedPrecondition(msg) if msg.contains("lease 2a"))
+        );
+        assert!(matches!(ApiError::from(Error::Store("bad record".into())), ApiError::Internal(_)));
+        let spec = ApiError::from(Error::InvalidStoreSpec { spec: "x".into(), reason: "unknown".into() });
+        assert!(matches!(spec, ApiError::InvalidArgument { field, .. } if field == "store"));
+    }
+}

@@ -106,3 +106,12 @@ async fn open_parses_the_embedded_spec() {
     assert_eq!(store.get("x").await.unwrap().unwrap().mod_revision, revision);
     assert!(matches!(store::open("embedded:").await, Err(Error::InvalidStoreSpec { .. })));
 }
+
+#[tokio::test]
+async fn a_second_opener_of_the_same_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.redb");
+    let _first = EmbeddedStore::open(&path).await.unwrap();
+    let err = EmbeddedStore::open(&path).await.unwrap_err();
+    assert!(matches!(&err, Error::Store(msg) if msg.contains("already open")), "{err}");
+}

@@ -276,6 +276,10 @@ pub async fn txn_compare_and_swap(h: &dyn StoreHarness) {
         Txn::new().when([Compare::Value("t/missing".into(), Bytes::new())]).and_then([Op::delete("t/k")]);
     assert!(!store.txn(wrong_value).await.unwrap().succeeded, "a value compare never matches an absent key");
     assert!(present(store.as_ref(), "t/k").await);
+    let twice = Txn::new().and_then([Op::put("t/k", "x"), Op::delete("t/k")]);
+    let err = store.txn(twice).await.unwrap_err();
+    assert!(matches!(err, Error::Api(ApiError::InvalidArgument { .. })), "{err}");
+    assert_eq!(store.get("t/k").await.unwrap().unwrap().value, bytes("v2"));
 }
 
 /// Of N concurrent put-if-absent transactions exactly one wins.

@@ -11,13 +11,16 @@
 //!   older than what is kept — including any revision before the last restart — gets
 //!   [`Error::Compacted`] and re-lists, exactly like an etcd client after compaction.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
+use redb::{
+    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition,
+    WriteTransaction,
+};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -157,7 +160,13 @@ fn open_database(path: &Path) -> Result<(Database, Revision)> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let db = Database::create(path).map_err(db_err)?;
+    let db = Database::create(path).map_err(|err| match err {
+        DatabaseError::DatabaseAlreadyOpen => Error::Store(format!(
+            "embedded store file {} is already open (one process, one store per file; use etcd for replicas)",
+            path.display()
+        )),
+        other => db_err(other),
+    })?;
     let wtxn = db.begin_write().map_err(db_err)?;
     let revision = {
         // Creating every table up front lets read transactions open them unconditionally.
@@ -231,6 +240,8 @@ struct Writer<'t> {
     events: Vec<WatchEvent>,
     /// True when something (a key or lease) changed and the transaction must be committed.
     dirty: bool,
+    /// False when losing the change in a crash is harmless (a keep-alive): skips the fsync.
+    durable: bool,
 }
 
 impl<'t> Writer<'t> {
@@ -245,6 +256,7 @@ impl<'t> Writer<'t> {
             revision: current + 1,
             events: Vec::new(),
             dirty: false,
+            durable: true,
         })
     }
 
@@ -340,8 +352,8 @@ impl Inner {
     /// events, and returns `f`'s output with the store revision after the transaction.
     fn write<T>(&self, f: impl FnOnce(&mut Writer<'_>) -> Result<T>) -> Result<(T, Revision)> {
         let _serial = lock(&self.write_lock);
-        let wtxn = self.db.begin_write().map_err(db_err)?;
-        let (out, events, revision, dirty) = {
+        let mut wtxn = self.db.begin_write().map_err(db_err)?;
+        let (out, events, revision, dirty, durable) = {
             let mut writer = Writer::new(&wtxn)?;
             // On error `wtxn` is dropped uncommitted, which aborts it.
             let out = f(&mut writer)?;
@@ -351,11 +363,15 @@ impl Inner {
                 writer.meta.insert(META_REVISION, writer.revision).map_err(db_err)?;
                 writer.revision
             };
-            (out, writer.events, revision, writer.dirty)
+            (out, writer.events, revision, writer.dirty, writer.durable)
         };
         if !dirty {
             wtxn.abort().map_err(db_err)?;
             return Ok((out, revision));
+        }
+        if !durable {
+            wtxn.set_durability(Durability::None)
+                .map_err(|e| Error::Store(format!("embedded store: {e}")))?;
         }
         wtxn.commit().map_err(db_err)?;
         if !events.is_empty() {
@@ -573,19 +589,6 @@ impl Store for EmbeddedStore {
 
     async fn txn(&self, txn: Txn) -> Result<TxnResult> {
         txn.validate()?;
-        for branch in [&txn.success, &txn.failure] {
-            let mut written = HashSet::new();
-            for op in branch.iter().filter(|op| !matches!(op, Op::Get { .. })) {
-                if !written.insert(op.key()) {
-                    // etcd refuses this too; allowing it here would let code pass on one backend only.
-                    return Err(llmchain_proto::ApiError::invalid(
-                        "txn",
-                        format!("key {:?} written twice", op.key()),
-                    )
-                    .into());
-                }
-            }
-        }
         self.with_inner(move |inner| {
             let ((succeeded, responses), revision) = inner.write(|w| {
                 let mut succeeded = true;
@@ -648,6 +651,9 @@ impl Store for EmbeddedStore {
                     };
                     w.leases.insert(lease.0, (ttl_ms, now_ms() + ttl_ms)).map_err(db_err)?;
                     w.dirty = true;
+                    // A renewal lost in a crash only makes the lease expire earlier after the
+                    // restart, and its holder (this process) is gone by then anyway.
+                    w.durable = false;
                     Ok(Duration::from_millis(u64::try_from(ttl_ms).unwrap_or(0)))
                 })
             })

@@ -203,13 +203,24 @@ impl Txn {
         self
     }
 
-    /// Checks every key of the transaction (see [`validate_key`]).
+    /// Checks every key of the transaction (see [`validate_key`]) and refuses a branch that
+    /// writes one key twice: etcd refuses it, so allowing it in one backend would let code
+    /// pass its tests there and fail on the other.
     pub fn validate(&self) -> Result<()> {
         self.compares
             .iter()
             .map(Compare::key)
             .chain(self.success.iter().chain(&self.failure).map(Op::key))
-            .try_for_each(validate_key)
+            .try_for_each(validate_key)?;
+        for branch in [&self.success, &self.failure] {
+            let mut written = std::collections::HashSet::new();
+            for op in branch.iter().filter(|op| !matches!(op, Op::Get { .. })) {
+                if !written.insert(op.key()) {
+                    return Err(ApiError::invalid("txn", format!("key {:?} written twice", op.key())).into());
+                }
+            }
+        }
+        Ok(())
     }
 }
 
