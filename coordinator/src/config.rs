@@ -25,6 +25,21 @@ pub struct ServeArgs {
     /// Largest gRPC message in bytes [default: 8388608].
     #[arg(long, env = "LLMCHAIN_MAX_MESSAGE_BYTES", value_name = "BYTES")]
     pub max_message_bytes: Option<usize>,
+    /// Where state lives: `embedded:PATH` (one local file) or `etcd:URL[,URL…][?prefix=P]`
+    /// [default: embedded:llmchain-data/state.redb].
+    #[arg(long, env = "LLMCHAIN_STORE", value_name = "SPEC")]
+    pub store: Option<String>,
+    /// Directory of the content-addressed blob store, shared by every replica
+    /// [default: llmchain-data/blobs].
+    #[arg(long, env = "LLMCHAIN_BLOBS", value_name = "DIR")]
+    pub blobs: Option<PathBuf>,
+    /// Trainer public key file whose signatures PublishVersion accepts; repeat the flag (or
+    /// separate with commas) for several. Without any, every publish is refused.
+    #[arg(long, env = "LLMCHAIN_TRAINER_KEYS", value_name = "FILE", value_delimiter = ',')]
+    pub trainer_key: Option<Vec<PathBuf>>,
+    /// Hours an unreferenced blob is kept before garbage collection removes it [default: 24].
+    #[arg(long, env = "LLMCHAIN_BLOB_GC_GRACE_H", value_name = "HOURS")]
+    pub blob_gc_grace_h: Option<u64>,
 }
 
 /// Validated settings of `coordinator serve`.
@@ -34,6 +49,14 @@ pub struct ServeSettings {
     pub listen: SocketAddr,
     /// RPC limits.
     pub limits: Limits,
+    /// State store spec.
+    pub store: String,
+    /// Blob directory.
+    pub blobs: PathBuf,
+    /// Trainer public key files.
+    pub trainer_keys: Vec<PathBuf>,
+    /// Grace period before unreferenced blobs are deleted.
+    pub blob_gc_grace: Duration,
 }
 
 impl ServeArgs {
@@ -59,6 +82,10 @@ impl ServeArgs {
         Ok(ServeSettings {
             listen: merged.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7400))),
             limits,
+            store: merged.store.unwrap_or_else(|| "embedded:llmchain-data/state.redb".into()),
+            blobs: merged.blobs.unwrap_or_else(|| "llmchain-data/blobs".into()),
+            trainer_keys: merged.trainer_key.unwrap_or_default(),
+            blob_gc_grace: Duration::from_secs(3600 * merged.blob_gc_grace_h.unwrap_or(24)),
         })
     }
 }

@@ -1,8 +1,15 @@
 //! `coordinator`: the LLMChain control plane. Parses configuration and wires; the logic lives
 //! in the library.
 
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use llmchain_coordinator::{config, server};
+use llmchain_artifact::{PublicKey, TrustedKeys};
+use llmchain_coordinator::{
+    blobs::{LocalBlobStore, VerifiedBlobs},
+    config, registry, server, store,
+};
 use llmchain_runtime::{shutdown, telemetry};
 
 /// LLMChain coordinator: model registry, fleet sessions and rollouts over gRPC.
@@ -32,11 +39,42 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let settings = args.resolve(cli.file.config.as_deref())?;
+            let shutdown = shutdown::on_signal();
+            let state = store::open(&settings.store)
+                .await
+                .with_context(|| format!("cannot open store {}", settings.store))?;
+            let local = LocalBlobStore::open(&settings.blobs)
+                .await
+                .with_context(|| format!("cannot open blob directory {}", settings.blobs.display()))?;
+            let blobs = Arc::new(VerifiedBlobs::new(Arc::new(local)));
+            let mut keys = Vec::new();
+            for path in &settings.trainer_keys {
+                keys.push(
+                    PublicKey::load(path)
+                        .with_context(|| format!("cannot load trainer key {}", path.display()))?,
+                );
+            }
+            if keys.is_empty() {
+                tracing::warn!("no --trainer-key given: every PublishVersion will be refused");
+            }
+            let registry = Arc::new(registry::Registry::new(
+                registry::RegistryConfig::new(TrustedKeys::new(keys)),
+                state,
+                blobs.clone(),
+            ));
+            blobs.spawn_scrubber(Duration::from_secs(6 * 3600), shutdown.child_token());
+            registry.clone().spawn_gc(
+                Duration::from_secs(3600),
+                settings.blob_gc_grace,
+                shutdown.child_token(),
+            );
+
             let listener = server::bind(settings.listen).await?;
             // Tests and scripts read the bound address from this line (port 0 picks a free one).
             println!("listening on {}", listener.local_addr()?);
-            let services = server::ServiceSet::default();
-            server::serve(listener, services, settings.limits, shutdown::on_signal()).await?;
+            let mut services = server::ServiceSet::default();
+            services.add(registry::service(registry));
+            server::serve(listener, services, settings.limits, shutdown).await?;
         }
     }
     Ok(())

@@ -135,6 +135,9 @@ pub async fn serve(
     };
 
     tonic::transport::Server::builder()
+        // Large windows keep blob streams from stalling on flow control over fast links.
+        .initial_stream_window_size(crate::registry::grpc::H2_WINDOW_BYTES)
+        .initial_connection_window_size(crate::registry::grpc::H2_WINDOW_BYTES)
         .timeout(limits.request_timeout)
         .concurrency_limit_per_connection(limits.per_connection_concurrency)
         .layer(tower::load_shed::LoadShedLayer::new())

@@ -5,20 +5,32 @@
 use std::{process::Command, time::Duration};
 
 use llmchain_tests::{bin, spawn_listening};
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use tonic_reflection::pb::v1::{
     ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
     server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
 };
 
-fn coordinator() -> Command {
+/// `coordinator serve` on a free port with its state in `dir`.
+fn coordinator(dir: &std::path::Path) -> Command {
     let mut cmd = Command::new(bin("coordinator"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0"]).env_clear().env("RUST_LOG", "warn");
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--store"])
+        .arg(format!("embedded:{}", dir.join("state.redb").display()))
+        .arg("--blobs")
+        .arg(dir.join("blobs"))
+        .env_clear()
+        .env("RUST_LOG", "warn");
     cmd
 }
 
 async fn channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect")
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect")
 }
 
 async fn list_services(addr: std::net::SocketAddr) -> Vec<String> {
@@ -41,16 +53,19 @@ async fn list_services(addr: std::net::SocketAddr) -> Vec<String> {
 
 #[tokio::test]
 async fn coordinator_serves_health_and_reflection_then_stops_on_sigterm() {
-    let (mut proc, addr) = spawn_listening(coordinator(), Duration::from_secs(30));
+    let dir = tempfile::tempdir().unwrap();
+    let (mut proc, addr) = spawn_listening(coordinator(dir.path()), Duration::from_secs(30));
 
     let services = list_services(addr).await;
-    for expected in ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
+    for expected in ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "llmchain.v1.Registry"] {
         assert!(services.iter().any(|s| s == expected), "{expected} missing from {services:?}");
     }
 
     let mut health = HealthClient::new(channel(addr).await);
     let overall = health.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
     assert_eq!(overall.status(), ServingStatus::Serving);
+    let registry = health.check(HealthCheckRequest { service: "llmchain.v1.Registry".into() }).await.unwrap();
+    assert_eq!(registry.into_inner().status(), ServingStatus::Serving);
     let unknown = health.check(HealthCheckRequest { service: "no.such.Service".into() }).await.unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound);
 
@@ -70,12 +85,8 @@ fn coordinator_refuses_a_bad_config_file_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("coordinator.toml");
     std::fs::write(&path, "listen = \"127.0.0.1:0\"\nlisten_port = 3\n").unwrap();
-    let out = Command::new(bin("coordinator"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env_clear()
-        .output()
-        .unwrap();
+    let out =
+        Command::new(bin("coordinator")).args(["serve", "--config"]).arg(&path).env_clear().output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("listen_port") && stderr.contains("coordinator.toml"), "{stderr}");
@@ -101,11 +112,7 @@ fn coordinator_and_llmchainctl_do_not_link_libtorch() {
 fn every_binary_answers_help_without_any_environment() {
     for binary in ["coordinator", "edge-agent", "cloud-trainer", "llmchainctl"] {
         let out = Command::new(bin(binary)).arg("--help").env_clear().output().unwrap();
-        assert!(
-            out.status.success(),
-            "{binary} --help failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{binary} --help failed: {}", String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("Usage:"), "{binary} --help printed no usage:\n{text}");
         assert!(!text.to_lowercase().contains("not implemented"), "{binary} advertises a placeholder");
@@ -123,7 +130,8 @@ fn edge_agent_reports_its_device_from_a_bare_environment() {
 
 #[tokio::test]
 async fn llmchainctl_status_lists_services_and_fails_clearly_when_unreachable() {
-    let (_proc, addr) = spawn_listening(coordinator(), Duration::from_secs(30));
+    let dir = tempfile::tempdir().unwrap();
+    let (_proc, addr) = spawn_listening(coordinator(dir.path()), Duration::from_secs(30));
     let out = Command::new(bin("llmchainctl"))
         .args(["status", "-o", "json", "--coordinator", &format!("http://{addr}")])
         .env_clear()
