@@ -77,3 +77,27 @@ async fn connecting_to_nothing_is_unavailable() {
     let result = store::open(&format!("etcd:http://127.0.0.1:{port}")).await;
     assert!(matches!(result, Err(Error::StoreUnavailable(_))), "{:?}", result.err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_etcd_steps_down_and_leads_again_after_recovery() {
+    use llmchain_coordinator::store::election::Election;
+    use tokio_util::sync::CancellationToken;
+
+    let mut server = EtcdServer::start().await.unwrap();
+    let store: Arc<dyn Store> = Arc::new(server.store("/llmchain/").await.unwrap());
+    let cancel = CancellationToken::new();
+    let election =
+        Election::start(store.clone(), "leader/rollouts", "replica-1", Duration::from_secs(2), &cancel);
+    eventually(PATIENCE, "replica-1 to lead", || async { election.is_leader() }).await;
+
+    // Without keep-alives the lease may lapse any moment: the leader must not keep leading.
+    server.kill().await.unwrap();
+    eventually(PATIENCE, "the cut-off leader to step down", || async { !election.is_leader() }).await;
+
+    server.restart().await.unwrap();
+    eventually(PATIENCE, "leadership to come back once etcd is reachable", || async { election.is_leader() })
+        .await;
+    let holder = Election::leader(store.as_ref(), "leader/rollouts").await.unwrap();
+    assert_eq!(holder.as_deref(), Some("replica-1"));
+    cancel.cancel();
+}

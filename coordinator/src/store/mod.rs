@@ -324,8 +324,8 @@ pub enum StoreSpec {
         /// The database file (created if missing).
         path: std::path::PathBuf,
     },
-    /// `etcd:URL[,URL…][?prefix=P]`: an etcd cluster; every key lives under `prefix`
-    /// (default [`etcd::DEFAULT_PREFIX`]).
+    /// `etcd:URL[,URL…][?prefix=P]`: an etcd cluster; every key lives under `prefix`, which
+    /// must end with `/` (default [`etcd::DEFAULT_PREFIX`]).
     Etcd {
         /// Client endpoints, e.g. `http://127.0.0.1:2379`.
         endpoints: Vec<String>,
@@ -358,7 +358,10 @@ impl StoreSpec {
                 if let Some(query) = query {
                     for pair in query.split('&') {
                         match pair.split_once('=') {
-                            Some(("prefix", value)) => prefix = value.to_owned(),
+                            // Without the trailing `/` one deployment's namespace would be a raw
+                            // prefix of another's (`/a` of `/ab/...`).
+                            Some(("prefix", value)) if value.ends_with('/') => prefix = value.to_owned(),
+                            Some(("prefix", _)) => return Err(invalid("prefix must end with /")),
                             _ => return Err(invalid(&format!("unknown option {pair:?} (only prefix=P)"))),
                         }
                     }
@@ -423,6 +426,7 @@ mod tests {
             ("etcd:", "not an http(s)"),
             ("etcd:127.0.0.1:2379", "not an http(s)"),
             ("etcd:http://a:2379?ttl=3", "unknown option"),
+            ("etcd:http://a:2379?prefix=/team", "must end with /"),
         ] {
             let err = StoreSpec::parse(spec).unwrap_err();
             assert!(matches!(err, Error::InvalidStoreSpec { .. }), "{spec}: {err}");
