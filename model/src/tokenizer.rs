@@ -166,6 +166,12 @@ impl Tokenizer {
         {
             return Err(Error::Tokenizer(format!("pre-tokenizer {pre:?} is not supported")));
         }
+        // HF's post-processor would then wrap every encoding in BOS/EOS; unverified, so refused.
+        for key in ["tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token"] {
+            if let Some(Value::Bool(true)) = gguf.get(key) {
+                return Err(Error::Tokenizer(format!("{key} = true is not supported")));
+            }
+        }
         let tokens = string_array(gguf, "tokenizer.ggml.tokens")?;
         let merges = string_array(gguf, "tokenizer.ggml.merges")?;
         let types: Vec<i128> = match gguf.get("tokenizer.ggml.token_type") {
@@ -173,8 +179,16 @@ impl Tokenizer {
             Some(_) => gguf
                 .get_array("tokenizer.ggml.token_type")?
                 .iter()
-                .map(|v| v.as_integer().unwrap_or(0))
-                .collect(),
+                .enumerate()
+                .map(|(i, v)| {
+                    v.as_integer().ok_or_else(|| {
+                        Error::metadata(
+                            "tokenizer.ggml.token_type",
+                            format!("element {i} is a {}", v.type_name()),
+                        )
+                    })
+                })
+                .collect::<Result<_>>()?,
         };
         if !types.is_empty() && types.len() != tokens.len() {
             return Err(Error::metadata(

@@ -137,6 +137,10 @@ fn specific_corruptions_are_named() {
     assert!(reason(bytes).contains("unsupported version 7"));
 
     let mut bytes = sample().build().bytes;
+    bytes[4..8].copy_from_slice(&0u32.to_le_bytes());
+    assert!(reason(bytes).contains("unsupported version 0"));
+
+    let mut bytes = sample().build().bytes;
     bytes[4..8].copy_from_slice(&3u32.to_be_bytes());
     assert!(reason(bytes).contains("big-endian"));
 

@@ -211,6 +211,22 @@ fn unsupported_or_broken_tokenizer_metadata_is_an_error() {
     let err = tiny_tokenizer(tiny("gpt2", "qwen2", MERGES, None)).unwrap_err().to_string();
     assert!(err.contains("qwen2"), "{err}");
 
+    let err = tiny_tokenizer(
+        tiny("gpt2", "smollm", MERGES, None).kv("tokenizer.ggml.add_bos_token", Value::Bool(true)),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("add_bos_token"), "{err}");
+    let ok = tiny("gpt2", "smollm", MERGES, None).kv("tokenizer.ggml.add_bos_token", Value::Bool(false));
+    assert!(tiny_tokenizer(ok).is_ok());
+
+    let err = tiny_tokenizer(
+        tiny("gpt2", "smollm", MERGES, None).kv("tokenizer.ggml.bos_token_id", Value::String("one".into())),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("tokenizer.ggml.bos_token_id") && err.contains("string"), "{err}");
+
     let no_tokens = GgufWriter::new().kv("tokenizer.ggml.model", Value::String("gpt2".into())).build();
     let err = Tokenizer::from_gguf(&Gguf::from_bytes(no_tokens.bytes).unwrap()).unwrap_err().to_string();
     assert!(err.contains("tokenizer.ggml.tokens") && err.contains("missing"), "{err}");

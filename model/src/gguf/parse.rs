@@ -151,7 +151,7 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<Header> {
     match version {
         1 => c.narrow = true,
         2 | 3 => {}
-        v if v.swap_bytes() <= 3 => {
+        v if (1..=3).contains(&v.swap_bytes()) => {
             return Err(Error::gguf(format!(
                 "version field {v:#x} looks byte-swapped: big-endian files are not supported"
             )));
