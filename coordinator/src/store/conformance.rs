@@ -103,7 +103,7 @@ impl StoreHarness for EtcdHarness {
 macro_rules! store_conformance_suite {
     ($harness:expr) => {
         $crate::store_conformance_suite!(@tests $harness;
-            get_put_delete, list_by_raw_prefix, revisions_are_monotonic, txn_compare_and_swap,
+            get_put_delete, list_by_raw_prefix, large_listings, revisions_are_monotonic, txn_compare_and_swap,
             concurrent_cas_has_one_winner, concurrent_increments_are_not_lost,
             watch_catches_up_then_follows, watch_from_listing_sees_only_later_changes,
             watch_reports_compaction, lease_expiry_deletes_keys, lease_revoke_deletes_keys,
@@ -192,6 +192,19 @@ pub async fn list_by_raw_prefix(h: &dyn StoreHarness) {
     assert!(store.list("c/").await.unwrap().kvs.is_empty());
     let values: Vec<_> = store.list("a/").await.unwrap().kvs.into_iter().map(|kv| kv.value).collect();
     assert_eq!(values, ["a/b", "a/b/1", "a/b/2", "a/bc", "a/c"].map(bytes));
+}
+
+/// A listing larger than gRPC's default 4 MiB message limit still arrives whole.
+pub async fn large_listings(h: &dyn StoreHarness) {
+    let store = h.store().await;
+    // 1 MiB values stay under etcd's default 1.5 MiB request limit.
+    let value = Bytes::from(vec![7u8; 1 << 20]);
+    for i in 0..6 {
+        store.put(&format!("big/{i}"), value.clone(), None).await.unwrap();
+    }
+    let listing = store.list("big/").await.unwrap();
+    assert_eq!(listing.kvs.len(), 6);
+    assert!(listing.kvs.iter().all(|kv| kv.value == value));
 }
 
 /// Every write gets a higher revision; reads and no-op deletes do not advance it.

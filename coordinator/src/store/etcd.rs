@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, PutOptions, TxnOp, TxnOpResponse, WatchOptions,
+    Client, ConnectOptions, EventType, GetOptions, KvClient, PutOptions, TxnOp, TxnOpResponse, WatchClient,
+    WatchOptions,
 };
 use futures::StreamExt;
 use tonic::Code;
@@ -34,6 +35,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP/2 keep-alive, so a dead connection (and the watches on it) is noticed.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest response accepted (tonic's default is 4 MiB): a listing of a big prefix arrives in
+/// one message. Requests stay bounded by etcd's own `--max-request-bytes` (1.5 MiB by default),
+/// which is why large payloads belong in the blob store, not here.
+const MAX_RESPONSE_BYTES: usize = 256 << 20;
 
 /// A [`Store`] on an etcd cluster, every key under a namespace prefix.
 #[derive(Clone)]
@@ -66,6 +71,14 @@ impl EtcdStore {
     /// The namespace prefix every key is stored under.
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    fn kv(&self) -> KvClient {
+        self.client.kv_client().max_decoding_message_size(MAX_RESPONSE_BYTES)
+    }
+
+    fn watcher(&self) -> WatchClient {
+        self.client.watch_client().max_decoding_message_size(MAX_RESPONSE_BYTES)
     }
 
     fn full_key(&self, key: &str) -> String {
@@ -216,7 +229,7 @@ fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> Result<Revis
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         validate_key(key)?;
-        let resp = self.client.kv_client().get(self.full_key(key), None).await.map_err(etcd_err)?;
+        let resp = self.kv().get(self.full_key(key), None).await.map_err(etcd_err)?;
         resp.kvs().first().map(|kv| self.to_key_value(kv)).transpose()
     }
 
@@ -234,14 +247,13 @@ impl Store for EtcdStore {
 
     async fn delete(&self, key: &str) -> Result<bool> {
         validate_key(key)?;
-        let resp = self.client.kv_client().delete(self.full_key(key), None).await.map_err(etcd_err)?;
+        let resp = self.kv().delete(self.full_key(key), None).await.map_err(etcd_err)?;
         Ok(resp.deleted() > 0)
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing> {
         let options = GetOptions::new().with_prefix();
-        let resp =
-            self.client.kv_client().get(self.full_key(prefix), Some(options)).await.map_err(etcd_err)?;
+        let resp = self.kv().get(self.full_key(prefix), Some(options)).await.map_err(etcd_err)?;
         // etcd returns a range sorted by key already.
         let kvs = resp.kvs().iter().map(|kv| self.to_key_value(kv)).collect::<Result<_>>()?;
         Ok(Listing { kvs, revision: header_revision(resp.header())? })
@@ -262,7 +274,7 @@ impl Store for EtcdStore {
             .when(txn.compares.into_iter().map(|c| self.compare(c)).collect::<Vec<_>>())
             .and_then(txn.success.into_iter().map(|op| self.txn_op(op)).collect::<Vec<_>>())
             .or_else(txn.failure.into_iter().map(|op| self.txn_op(op)).collect::<Vec<_>>());
-        let resp = self.client.kv_client().txn(request).await.map_err(lease_err(lease))?;
+        let resp = self.kv().txn(request).await.map_err(lease_err(lease))?;
         let responses = resp
             .op_responses()
             .into_iter()
@@ -282,8 +294,7 @@ impl Store for EtcdStore {
 
     async fn watch(&self, prefix: &str, from_revision: Revision) -> Result<WatchStream> {
         let options = WatchOptions::new().with_prefix().with_start_revision(from_revision.max(0) + 1);
-        let stream =
-            self.client.watch_client().watch(self.full_key(prefix), Some(options)).await.map_err(etcd_err)?;
+        let stream = self.watcher().watch(self.full_key(prefix), Some(options)).await.map_err(etcd_err)?;
         let state = EtcdWatch {
             store: self.clone(),
             stream,
@@ -328,7 +339,7 @@ impl Store for EtcdStore {
 
     async fn current_revision(&self) -> Result<Revision> {
         let options = GetOptions::new().with_count_only();
-        let resp = self.client.kv_client().get(self.prefix.clone(), Some(options)).await.map_err(etcd_err)?;
+        let resp = self.kv().get(self.prefix.clone(), Some(options)).await.map_err(etcd_err)?;
         header_revision(resp.header())
     }
 }
