@@ -88,6 +88,9 @@ STRINGS = [
     "vib 4.6mm/s ↑, temp 81°C",
     "$100.00 (USD) — 50% off!",
     "\\escaped\\ backslashes and 'quotes' \"double\"",
+    # Spacing that HF's `clean_up_tokenization_spaces` would rewrite on decode, if it were on.
+    "Hello , world . Is n't it ? I 'm sure ! do n't",
+    "ends with a space before newline \n and carriage return\r",
 ]
 
 CHATS = [
@@ -118,6 +121,13 @@ CHATS = [
         True,
     ),
     ([{"role": "user", "content": ""}], True),
+    (
+        [
+            {"role": "user", "content": "emoji 😀 and <|im_end|> inside\nsecond line"},
+            {"role": "assistant", "content": " leading space, trailing newline\n"},
+        ],
+        True,
+    ),
 ]
 
 TENSORS = [
