@@ -90,3 +90,10 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The SmolLM2-135M-Instruct GGUF that `make setup` links into the work tree.
+pub fn smollm2_gguf() -> PathBuf {
+    let path = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.llmchain/smollm2.gguf"));
+    assert!(path.exists(), "{} is missing: run `make setup`", path.display());
+    path
+}
