@@ -99,14 +99,10 @@ impl From<Status> for ApiError {
             Code::AlreadyExists => {
                 ApiError::AlreadyExists(msg.trim_end_matches(" already exists").to_string())
             }
-            Code::FailedPrecondition | Code::Aborted | Code::OutOfRange => {
-                ApiError::FailedPrecondition(msg)
-            }
+            Code::FailedPrecondition | Code::Aborted | Code::OutOfRange => ApiError::FailedPrecondition(msg),
             Code::PermissionDenied => ApiError::PermissionDenied(strip(&msg, "permission denied: ")),
             Code::Unauthenticated => ApiError::Unauthenticated(strip(&msg, "unauthenticated: ")),
-            Code::ResourceExhausted => {
-                ApiError::ResourceExhausted(strip(&msg, "resource exhausted: "))
-            }
+            Code::ResourceExhausted => ApiError::ResourceExhausted(strip(&msg, "resource exhausted: ")),
             Code::DataLoss => ApiError::DataLoss(strip(&msg, "data loss: ")),
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
                 ApiError::Unavailable(strip(&msg, "unavailable: "))

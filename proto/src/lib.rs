@@ -20,8 +20,4 @@ pub mod pb {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("llmchain_v1_descriptor");
 
 /// Fully qualified names of the v1 services, as reflection lists them.
-pub const SERVICE_NAMES: [&str; 3] = [
-    "llmchain.v1.Registry",
-    "llmchain.v1.Fleet",
-    "llmchain.v1.Rollouts",
-];
+pub const SERVICE_NAMES: [&str; 3] = ["llmchain.v1.Registry", "llmchain.v1.Fleet", "llmchain.v1.Rollouts"];

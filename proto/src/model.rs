@@ -129,11 +129,7 @@ fn digests(field: &str, values: &[String]) -> ApiResult<Vec<Digest>> {
     if values.len() > MAX_DIGESTS {
         return Err(ApiError::invalid(field, format!("at most {MAX_DIGESTS} digests")));
     }
-    values
-        .iter()
-        .enumerate()
-        .map(|(i, d)| Digest::parse(&format!("{field}[{i}]"), d))
-        .collect()
+    values.iter().enumerate().map(|(i, d)| Digest::parse(&format!("{field}[{i}]"), d)).collect()
 }
 
 /// A model name and version number (≥ 1).
@@ -378,11 +374,9 @@ impl TryFrom<pb::SignedManifest> for SignedManifest {
         if s.manifest.len() > 16 << 20 {
             return Err(ApiError::invalid("manifest", "is larger than 16 MiB"));
         }
-        let signature: [u8; 64] = s
-            .signature
-            .as_slice()
-            .try_into()
-            .map_err(|_| ApiError::invalid("signature", format!("must be 64 bytes, got {}", s.signature.len())))?;
+        let signature: [u8; 64] = s.signature.as_slice().try_into().map_err(|_| {
+            ApiError::invalid("signature", format!("must be 64 bytes, got {}", s.signature.len()))
+        })?;
         if !s.key_id.starts_with("ed25519:") || s.key_id.len() != 8 + 16 {
             return Err(ApiError::invalid("key_id", "must be \"ed25519:\" and 16 hex digits"));
         }
@@ -413,10 +407,16 @@ impl TryFrom<pb::Label> for Label {
             && l.key.len() <= 63
             && l.key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-'));
         if !key_ok {
-            return Err(ApiError::invalid("key", format!("{:?} must be 1-63 characters of [a-zA-Z0-9._/-]", l.key)));
+            return Err(ApiError::invalid(
+                "key",
+                format!("{:?} must be 1-63 characters of [a-zA-Z0-9._/-]", l.key),
+            ));
         }
         if l.value.len() > 63 || l.value.chars().any(|c| c.is_control() || c == ',' || c == '=') {
-            return Err(ApiError::invalid("value", "must be at most 63 characters, without ',' '=' or controls"));
+            return Err(ApiError::invalid(
+                "value",
+                "must be at most 63 characters, without ',' '=' or controls",
+            ));
         }
         Ok(Label { key: l.key, value: l.value })
     }
@@ -479,7 +479,10 @@ impl TryFrom<pb::EnrollRequest> for Enrollment {
         }
         let name = AgentId::parse("name", &r.name)?;
         if !r.csr_pem.contains("-----BEGIN CERTIFICATE REQUEST-----") || r.csr_pem.len() > 16 << 10 {
-            return Err(ApiError::invalid("csr_pem", "must be one PEM certificate request of at most 16 KiB"));
+            return Err(ApiError::invalid(
+                "csr_pem",
+                "must be one PEM certificate request of at most 16 KiB",
+            ));
         }
         Ok(Enrollment {
             token: r.bootstrap_token,
@@ -735,7 +738,10 @@ impl TryFrom<pb::CreateRolloutRequest> for RolloutSpec {
             steps.push(Step { size, soak_seconds: s.soak_seconds });
         }
         if !matches!(steps.last().map(|s| s.size), Some(StepSize::Percent(100))) {
-            return Err(ApiError::invalid(format!("steps[{}]", steps.len() - 1), "the last step must be percent 100"));
+            return Err(ApiError::invalid(
+                format!("steps[{}]", steps.len() - 1),
+                "the last step must be percent 100",
+            ));
         }
         let gates = r.gates.unwrap_or_default();
         for (name, v) in [
@@ -748,7 +754,10 @@ impl TryFrom<pb::CreateRolloutRequest> for RolloutSpec {
             }
         }
         if !gates.max_latency_p99_ms.is_finite() || gates.max_latency_p99_ms < 0.0 {
-            return Err(ApiError::invalid("gates.max_latency_p99_ms", "must be a finite, non-negative number"));
+            return Err(ApiError::invalid(
+                "gates.max_latency_p99_ms",
+                "must be a finite, non-negative number",
+            ));
         }
         if r.probe.len() > 1000 {
             return Err(ApiError::invalid("probe", "at most 1000 records"));

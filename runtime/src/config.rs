@@ -28,7 +28,8 @@ pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T> {
 ///
 /// Both are the same struct; nested tables merge field by field.
 pub fn layer<T: Serialize + DeserializeOwned>(base: &T, over: &T) -> Result<T> {
-    let invalid = |e: serde_json::Error| Error::ConfigInvalid { path: "<merged>".into(), message: e.to_string() };
+    let invalid =
+        |e: serde_json::Error| Error::ConfigInvalid { path: "<merged>".into(), message: e.to_string() };
     let mut merged = serde_json::to_value(base).map_err(invalid)?;
     let over = serde_json::to_value(over).map_err(invalid)?;
     merge(&mut merged, over);
@@ -82,8 +83,11 @@ mod tests {
     fn flags_win_over_file_and_file_fills_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "listen = \"0.0.0.0:1\"\nstore = \"embedded:x\"\n[limits]\nmax_streams = 4\ntimeout_s = 9\n")
-            .unwrap();
+        std::fs::write(
+            &path,
+            "listen = \"0.0.0.0:1\"\nstore = \"embedded:x\"\n[limits]\nmax_streams = 4\ntimeout_s = 9\n",
+        )
+        .unwrap();
         let cli = Cfg {
             listen: Some("127.0.0.1:2".into()),
             store: None,

@@ -22,7 +22,8 @@ pub fn on_signal() -> CancellationToken {
 #[cfg(unix)]
 async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         // Without handlers the process still dies on the default signal action.
         std::future::pending::<()>().await;
         unreachable!()

@@ -70,7 +70,11 @@ fn blob_range_defaults_and_limits_chunks() {
     assert_eq!((ok.offset, ok.length, ok.chunk_size), (0, None, DEFAULT_CHUNK_BYTES));
     rejects(BlobRange::try_from(pb::FetchBlobRequest::default()), "digest");
     rejects(
-        BlobRange::try_from(pb::FetchBlobRequest { digest: D.into(), chunk_size: 64 << 20, ..Default::default() }),
+        BlobRange::try_from(pb::FetchBlobRequest {
+            digest: D.into(),
+            chunk_size: 64 << 20,
+            ..Default::default()
+        }),
         "chunk_size",
     );
     rejects(
@@ -112,16 +116,26 @@ fn delta_query_requires_target() {
         "target.version",
     );
     rejects(
-        DeltaQuery::try_from(pb::PlanDeltaRequest { target: Some(model_ref("m", 1)), have: vec!["z".into()] }),
+        DeltaQuery::try_from(pb::PlanDeltaRequest {
+            target: Some(model_ref("m", 1)),
+            have: vec!["z".into()],
+        }),
         "have[0]",
     );
 }
 
 #[test]
 fn signed_manifest_checks_signature_and_key_id() {
-    let ok = pb::SignedManifest { manifest: vec![1, 2, 3], signature: vec![0; 64], key_id: "ed25519:0011223344556677".into() };
+    let ok = pb::SignedManifest {
+        manifest: vec![1, 2, 3],
+        signature: vec![0; 64],
+        key_id: "ed25519:0011223344556677".into(),
+    };
     assert!(SignedManifest::try_from(ok.clone()).is_ok());
-    rejects(SignedManifest::try_from(pb::SignedManifest { signature: vec![0; 63], ..ok.clone() }), "signature");
+    rejects(
+        SignedManifest::try_from(pb::SignedManifest { signature: vec![0; 63], ..ok.clone() }),
+        "signature",
+    );
     rejects(SignedManifest::try_from(pb::SignedManifest { manifest: vec![], ..ok.clone() }), "manifest");
     rejects(SignedManifest::try_from(pb::SignedManifest { key_id: "rsa:1".into(), ..ok }), "key_id");
     rejects(SignedManifest::try_from(pb::PublishVersionRequest { signed: None }), "signed");
@@ -154,7 +168,10 @@ fn enroll() -> pb::EnrollRequest {
 #[test]
 fn enrollment_checks_token_name_csr_and_labels() {
     assert!(Enrollment::try_from(enroll()).is_ok());
-    rejects(Enrollment::try_from(pb::EnrollRequest { bootstrap_token: String::new(), ..enroll() }), "bootstrap_token");
+    rejects(
+        Enrollment::try_from(pb::EnrollRequest { bootstrap_token: String::new(), ..enroll() }),
+        "bootstrap_token",
+    );
     rejects(Enrollment::try_from(pb::EnrollRequest { name: "UPPER".into(), ..enroll() }), "name");
     rejects(Enrollment::try_from(pb::EnrollRequest { csr_pem: "junk".into(), ..enroll() }), "csr_pem");
     rejects(
@@ -199,7 +216,10 @@ fn summary_validation_names_fields() {
         "window_end",
     );
     rejects(Summary::try_from(pb::Summary { model: None, ..summary() }), "model");
-    rejects(Summary::try_from(pb::Summary { confidence_histogram: vec![0; 3], ..summary() }), "confidence_histogram");
+    rejects(
+        Summary::try_from(pb::Summary { confidence_histogram: vec![0; 3], ..summary() }),
+        "confidence_histogram",
+    );
     rejects(Summary::try_from(pb::Summary { latency_p99_ms: f64::NAN, ..summary() }), "latency_p99_ms");
     rejects(Summary::try_from(pb::Summary { bad_records: 7, ..summary() }), "bad_records");
 }
@@ -216,7 +236,10 @@ fn summary_report_checks_each_summary_and_its_agent() {
         "summaries[1].seq",
     );
     rejects(
-        SummaryReport::try_from(pb::ReportSummariesRequest { agent_id: "agent-2".into(), summaries: vec![summary()] }),
+        SummaryReport::try_from(pb::ReportSummariesRequest {
+            agent_id: "agent-2".into(),
+            summaries: vec![summary()],
+        }),
         "summaries[0].agent_id",
     );
 }
@@ -275,9 +298,16 @@ fn rollout_spec_checks_steps_targets_and_gates() {
 
 #[test]
 fn token_request_checks_role_name_and_ttl() {
-    let ok = pb::CreateBootstrapTokenRequest { role: pb::Role::Agent as i32, name: String::new(), ttl_seconds: 0 };
+    let ok =
+        pb::CreateBootstrapTokenRequest { role: pb::Role::Agent as i32, name: String::new(), ttl_seconds: 0 };
     assert_eq!(TokenRequest::try_from(ok.clone()).unwrap().ttl_seconds, 3600);
     rejects(TokenRequest::try_from(pb::CreateBootstrapTokenRequest { role: 0, ..ok.clone() }), "role");
-    rejects(TokenRequest::try_from(pb::CreateBootstrapTokenRequest { name: "X".into(), ..ok.clone() }), "name");
-    rejects(TokenRequest::try_from(pb::CreateBootstrapTokenRequest { ttl_seconds: u32::MAX, ..ok }), "ttl_seconds");
+    rejects(
+        TokenRequest::try_from(pb::CreateBootstrapTokenRequest { name: "X".into(), ..ok.clone() }),
+        "name",
+    );
+    rejects(
+        TokenRequest::try_from(pb::CreateBootstrapTokenRequest { ttl_seconds: u32::MAX, ..ok }),
+        "ttl_seconds",
+    );
 }
