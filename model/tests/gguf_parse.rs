@@ -222,7 +222,10 @@ fn huge_counts_fail_before_allocating() {
             bytes[field.pos..field.pos + field.width].copy_from_slice(&huge.to_le_bytes()[..field.width]);
             let r = reason(bytes);
             assert!(
-                r.contains("cannot fit") || r.contains("truncated") || r.contains("not valid utf-8"),
+                r.contains("cannot fit")
+                    || r.contains("truncated")
+                    || r.contains("not valid utf-8")
+                    || r.contains("exceeds the limit"),
                 "{field:?} = {huge}: {r}"
             );
         }
@@ -319,4 +322,34 @@ fn random_byte_flips_never_panic() {
         }
         exercise(bytes, &format!("random case {case}"));
     }
+}
+
+/// A v3 header with `tensors` tensor infos announced and one u8 array of `len` elements.
+fn header_with_u8_array(tensors: u64, len: u64) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&tensors.to_le_bytes());
+    b.extend_from_slice(&1u64.to_le_bytes());
+    b.extend_from_slice(&3u64.to_le_bytes());
+    b.extend_from_slice(b"big");
+    b.extend_from_slice(&9u32.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&len.to_le_bytes());
+    b.resize(b.len() + len as usize, 0);
+    b
+}
+
+#[test]
+fn metadata_and_tensor_counts_are_capped_even_when_the_bytes_are_there() {
+    // 4 Mi one-byte values would cost 128 MiB as `Value`s; the cap refuses them.
+    let over = 4 << 20;
+    let r = reason(header_with_u8_array(0, over + 1));
+    assert!(r.contains("metadata key big") && r.contains("more than"), "{r}");
+    let g = parse(header_with_u8_array(0, 1000)).unwrap();
+    assert_eq!(g.get("big").and_then(Value::as_array).map(<[Value]>::len), Some(1000));
+
+    let mut bytes = header_with_u8_array(2 << 20, 0);
+    bytes.resize(bytes.len() + (2 << 20) * 32, 0);
+    let r = reason(bytes);
+    assert!(r.contains("exceeds the limit"), "{r}");
 }

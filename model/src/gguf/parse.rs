@@ -3,8 +3,8 @@
 //! The bytes are untrusted. Invariants this module guarantees to its caller:
 //! - every read is bounds-checked through [`Cursor`], so truncation is an error, never a panic;
 //! - no allocation is sized by a count before that count has been checked against the bytes
-//!   left (each element needs at least a known number of bytes), and the total number of
-//!   metadata values is capped, so a small file cannot make us allocate gigabytes;
+//!   left (each element needs at least a known number of bytes), and the numbers of metadata
+//!   values and tensors are capped, so memory stays a small multiple of the file size;
 //! - every returned [`TensorInfo`] has a known type, a first dimension that is a multiple of its
 //!   block size, an element count that fits in `usize`, an aligned offset and a byte range that
 //!   lies inside the file; names and keys are unique.
@@ -27,8 +27,11 @@ const MAX_DIMS: u32 = 4;
 const MAX_ARRAY_DEPTH: u32 = 4;
 /// Cap on the number of metadata values (array elements included). A [`Value`] takes 32 bytes
 /// in memory but a `u8` element only one in the file, so without a cap a 1 GB file could demand
-/// 32 GB. Real files hold a few hundred thousand (vocabulary and merges).
-const MAX_METADATA_VALUES: u64 = 16 << 20;
+/// 32 GB. Real files hold well under a million (vocabulary and merges).
+pub(crate) const MAX_METADATA_VALUES: u64 = 4 << 20;
+/// Cap on the number of tensors, for the same reason (an info costs ~5x its minimum encoded
+/// size in memory). Real files hold a few thousand.
+pub(crate) const MAX_TENSORS: u64 = 1 << 20;
 
 /// The parsed header of a GGUF file.
 #[derive(Debug)]
@@ -283,6 +286,9 @@ fn parse_tensor_infos(c: &mut Cursor<'_>, count: u64, alignment: u64) -> Result<
     // Each info needs at least a name length, a dimension count, one dimension, a type and an
     // offset.
     let min_info = c.count_width() * 2 + 4 + 4 + 8;
+    if count > MAX_TENSORS {
+        return Err(Error::gguf(format!("tensor count {count} exceeds the limit of {MAX_TENSORS}")));
+    }
     if count.checked_mul(min_info).is_none_or(|n| n > c.remaining() as u64) {
         return Err(Error::gguf(format!(
             "tensor count {count} cannot fit in the {} bytes left",
