@@ -9,6 +9,8 @@
 //!   edit files) is checked one layer up, by [`VerifiedBlobs`], which every server path uses.
 
 pub mod local;
+#[cfg(feature = "s3")]
+pub mod s3;
 pub mod verify;
 
 use std::{ops::Range, time::SystemTime};
