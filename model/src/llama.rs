@@ -449,7 +449,15 @@ impl Llama {
                 }
                 None => (k, v),
             };
-            let attn = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, nkv != nh);
+            // libtorch's CPU flash kernel has no grouped-query support: with `enable_gqa` it falls
+            // back to the unfused math path. Repeating the KV heads (as HF does on CPU) is cheaper.
+            let gqa_kernel = nkv != nh && self.device().is_cuda();
+            let (k, v) = if nkv != nh && !gqa_kernel {
+                (repeat_kv(&k, nh / nkv), repeat_kv(&v, nh / nkv))
+            } else {
+                (k, v)
+            };
+            let attn = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, gqa_kernel);
             let attn = attn.transpose(1, 2).reshape([b, t, nh * hd]);
             // Out of place on purpose: rms_norm saved `x` for backward, so `+=` would break training.
             x = &x + attn.linear::<Tensor>(&layer.o_proj, None);
@@ -480,6 +488,14 @@ impl Llama {
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     let dim = weight.size()[0];
     Tensor::rms_norm(x, [dim], Some(weight), Some(eps))
+}
+
+/// HF's `repeat_kv`: `[B, kv_heads, S, D]` → `[B, kv_heads * n_rep, S, D]`, query head `i` reading
+/// KV head `i / n_rep`.
+fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
+    let size = x.size();
+    let (b, kv, s, d) = (size[0], size[1], size[2], size[3]);
+    x.unsqueeze(2).expand([b, kv, n_rep, s, d], false).reshape([b, kv * n_rep, s, d])
 }
 
 /// HF's `apply_rotary_pos_emb`: `x * cos + rotate_half(x) * sin`, `rotate_half(x) = [-x₂, x₁]`.
