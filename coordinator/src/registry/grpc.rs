@@ -41,7 +41,10 @@ pub fn service<R: RegistryApi>(registry: Arc<R>) -> RegistryServer<RegistryGrpc<
 }
 
 /// Implements the generated `Registry` trait on any [`RegistryApi`].
-pub struct RegistryGrpc<R>(pub Arc<R>);
+pub struct RegistryGrpc<R>(
+    /// The registry the adapter serves.
+    pub Arc<R>,
+);
 
 fn status(e: Error) -> Status {
     Status::from(ApiError::from(e))
