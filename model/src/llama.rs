@@ -112,7 +112,13 @@ pub struct Llama {
     lm_head: Tensor,
     /// `1 / θ^(2i/d)` for the rotary embedding, `[head_dim / 2]`, f32.
     inv_freq: Tensor,
+    /// Intra-op threads for steps of at most [`SMALL_STEP_TOKENS`] tokens on the CPU (0: leave
+    /// libtorch's setting alone). See [`Llama::set_small_step_threads`].
+    small_step_threads: usize,
 }
+
+/// A step this small (batch × new tokens) is a matrix-vector product bound by memory bandwidth.
+const SMALL_STEP_TOKENS: i64 = 4;
 
 impl std::fmt::Debug for Llama {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -213,7 +219,22 @@ impl Llama {
             ?device,
             "llama model built"
         );
-        Ok(Llama { config, vs, embed_tokens, layers, norm, lm_head, inv_freq })
+        Ok(Llama { config, vs, embed_tokens, layers, norm, lm_head, inv_freq, small_step_threads: 1 })
+    }
+
+    /// Sets the intra-op threads used for CPU steps of at most 4 tokens (decoding), 0 to use
+    /// libtorch's setting for every step; the default is 1.
+    ///
+    /// Why 1: a decode step is ~150 small parallel regions (one per matrix-vector product and
+    /// attention call), each bound by memory bandwidth, which one core nearly saturates. With
+    /// more threads every region waits at a barrier for all of them, and on a node where other
+    /// work holds a core (the agent's own I/O, anything else) a descheduled thread stalls each
+    /// barrier for a scheduler slice: we measured 2 threads decoding 4-5x slower than 1 on a
+    /// busy 2-core machine, and no faster on an idle one. Prefill keeps every thread.
+    /// libtorch's thread count is per calling thread (OpenMP and MKL-local), and is restored
+    /// after the step.
+    pub fn set_small_step_threads(&mut self, threads: usize) {
+        self.small_step_threads = threads;
     }
 
     /// The architecture hyper-parameters.
@@ -373,6 +394,9 @@ impl Llama {
         // Without a mask and with an empty cache, plain causal attention is exact and lets
         // libtorch pick its flash kernel; one new token with nothing padded needs no mask at all.
         let causal = mask.is_none() && start == 0 && t > 1;
+        let _threads = (b * t <= SMALL_STEP_TOKENS && !device.is_cuda())
+            .then(|| ThreadsGuard::limit(self.small_step_threads))
+            .flatten();
         let hidden = self.run_layers(x, &pos_t, mask.as_ref(), causal, Some(cache));
 
         for (r, row) in rows.iter().enumerate() {
@@ -481,6 +505,27 @@ impl Llama {
         let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
         let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(2);
         (emb.cos(), emb.sin())
+    }
+}
+
+/// Lowers libtorch's intra-op thread count for a scope and restores it on drop.
+struct ThreadsGuard {
+    previous: i32,
+}
+
+impl ThreadsGuard {
+    /// `None` when `threads` is 0 or not below the current count (nothing to change).
+    fn limit(threads: usize) -> Option<Self> {
+        let previous = tch::get_num_threads();
+        let threads = i32::try_from(threads).ok().filter(|&n| n > 0 && n < previous)?;
+        tch::set_num_threads(threads);
+        Some(ThreadsGuard { previous })
+    }
+}
+
+impl Drop for ThreadsGuard {
+    fn drop(&mut self) {
+        tch::set_num_threads(self.previous);
     }
 }
 
