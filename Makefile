@@ -7,7 +7,7 @@ PYTHON := .llmchain/venv/bin/python
 FIXTURES := .llmchain/fixtures
 GGUF := .llmchain/smollm2.gguf
 
-.PHONY: help setup fixtures build lint test demo clean-fixtures
+.PHONY: help setup fixtures build lint test demo bench-model bench-transfer clean-fixtures
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
@@ -43,6 +43,12 @@ test: setup fixtures lint build ## every check and test: fmt, clippy, the whole 
 demo: setup ## the whole loop on one machine (not there yet)
 	@echo "make demo: the end-to-end loop (coordinator, trainer, agents) is not built yet; see README.md" >&2
 	@exit 1
+
+bench-model: setup ## prefill/decode tok/s and peak RSS: ours vs HF transformers vs llama.cpp, with ratios
+	$(PYTHON) scripts/bench/model.py
+
+bench-transfer: setup ## FetchBlob of a 512 MiB blob vs a raw TCP copy on loopback (MB/s, ratio)
+	$(CARGO) bench -p llmchain-coordinator --bench transfer
 
 clean-fixtures: ## remove generated fixtures
 	rm -rf $(FIXTURES)

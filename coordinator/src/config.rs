@@ -29,10 +29,11 @@ pub struct ServeArgs {
     /// [default: embedded:llmchain-data/state.redb].
     #[arg(long, env = "LLMCHAIN_STORE", value_name = "SPEC")]
     pub store: Option<String>,
-    /// Directory of the content-addressed blob store, shared by every replica
-    /// [default: llmchain-data/blobs].
-    #[arg(long, env = "LLMCHAIN_BLOBS", value_name = "DIR")]
-    pub blobs: Option<PathBuf>,
+    /// Blob store shared by every replica: a directory, or
+    /// `s3://BUCKET[/PREFIX][?endpoint=URL&region=R]` (credentials from AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY) [default: llmchain-data/blobs].
+    #[arg(long, env = "LLMCHAIN_BLOBS", value_name = "DIR|URL")]
+    pub blobs: Option<String>,
     /// Trainer public key file whose signatures PublishVersion accepts; repeat the flag (or
     /// separate with commas) for several. Without any, every publish is refused.
     #[arg(long, env = "LLMCHAIN_TRAINER_KEYS", value_name = "FILE", value_delimiter = ',')]
@@ -51,8 +52,8 @@ pub struct ServeSettings {
     pub limits: Limits,
     /// State store spec.
     pub store: String,
-    /// Blob directory.
-    pub blobs: PathBuf,
+    /// Blob store spec (a directory or an `s3://` URL).
+    pub blobs: String,
     /// Trainer public key files.
     pub trainer_keys: Vec<PathBuf>,
     /// Grace period before unreferenced blobs are deleted.

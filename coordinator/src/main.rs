@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use llmchain_artifact::{PublicKey, TrustedKeys};
 use llmchain_coordinator::{
-    blobs::{LocalBlobStore, VerifiedBlobs},
+    blobs::{self, VerifiedBlobs},
     config, registry, server, store,
 };
 use llmchain_runtime::{shutdown, telemetry};
@@ -43,10 +43,11 @@ async fn main() -> anyhow::Result<()> {
             let state = store::open(&settings.store)
                 .await
                 .with_context(|| format!("cannot open store {}", settings.store))?;
-            let local = LocalBlobStore::open(&settings.blobs)
-                .await
-                .with_context(|| format!("cannot open blob directory {}", settings.blobs.display()))?;
-            let blobs = Arc::new(VerifiedBlobs::new(Arc::new(local)));
+            let blobs = Arc::new(VerifiedBlobs::new(
+                blobs::open(&settings.blobs)
+                    .await
+                    .with_context(|| format!("cannot open blob store {}", settings.blobs))?,
+            ));
             let mut keys = Vec::new();
             for path in &settings.trainer_keys {
                 keys.push(

@@ -1,6 +1,8 @@
 //! `edge-agent`: runs LLMChain models on an edge node. Parses configuration and wires; the
 //! logic lives in the library crates.
 
+mod model_cmd;
+
 use clap::{Parser, Subcommand};
 use llmchain_model::device::DeviceReport;
 use llmchain_runtime::telemetry;
@@ -20,6 +22,9 @@ struct Cli {
 enum Command {
     /// Show the compute device libtorch will use (CPU threads, CUDA devices) as JSON.
     Device,
+    /// Try a model by hand: generate text, score labels, or show next-token logits.
+    #[command(subcommand)]
+    Model(model_cmd::ModelCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -27,6 +32,7 @@ fn main() -> anyhow::Result<()> {
     let _telemetry = telemetry::init(&telemetry::TelemetryConfig::from_env("llmchain-edge-agent"))?;
     match cli.command {
         Command::Device => println!("{}", serde_json::to_string_pretty(&DeviceReport::probe())?),
+        Command::Model(cmd) => model_cmd::run(cmd)?,
     }
     Ok(())
 }

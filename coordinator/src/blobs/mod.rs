@@ -64,3 +64,67 @@ pub trait BlobStore: Send + Sync + 'static {
 pub(crate) fn not_found(digest: &Digest) -> crate::Error {
     llmchain_proto::ApiError::NotFound(format!("blob {digest}")).into()
 }
+
+/// Opens the blob store a `--blobs` spec names: a directory path, or (with the `s3` feature)
+/// `s3://BUCKET[/PREFIX][?endpoint=URL&region=R]` with credentials from the environment.
+pub async fn open(spec: &str) -> Result<std::sync::Arc<dyn BlobStore>> {
+    let Some(rest) = spec.strip_prefix("s3://") else {
+        return Ok(std::sync::Arc::new(LocalBlobStore::open(spec).await?));
+    };
+    #[cfg(feature = "s3")]
+    {
+        Ok(std::sync::Arc::new(s3::S3BlobStore::connect(&parse_s3(rest)?)?))
+    }
+    #[cfg(not(feature = "s3"))]
+    {
+        let _ = rest;
+        Err(llmchain_proto::ApiError::invalid("blobs", "this build has no s3 support").into())
+    }
+}
+
+#[cfg(feature = "s3")]
+fn parse_s3(rest: &str) -> Result<s3::S3Config> {
+    let invalid =
+        |reason: String| -> crate::Error { llmchain_proto::ApiError::invalid("blobs", reason).into() };
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (bucket, prefix) = path.split_once('/').unwrap_or((path, ""));
+    if bucket.is_empty() {
+        return Err(invalid("s3:// needs a bucket name".into()));
+    }
+    let mut config = s3::S3Config {
+        bucket: bucket.to_string(),
+        endpoint: None,
+        region: "us-east-1".into(),
+        access_key_id: None,
+        secret_access_key: None,
+        prefix: prefix.trim_end_matches('/').to_string(),
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("endpoint", v)) if !v.is_empty() => config.endpoint = Some(v.to_string()),
+            Some(("region", v)) if !v.is_empty() => config.region = v.to_string(),
+            _ => return Err(invalid(format!("unknown s3 option {pair:?} (endpoint=URL, region=R)"))),
+        }
+    }
+    Ok(config)
+}
+
+#[cfg(all(test, feature = "s3"))]
+mod spec_tests {
+    use super::*;
+
+    #[test]
+    fn parses_s3_specs_and_refuses_bad_ones() {
+        let c = parse_s3("models/llmchain/blobs?endpoint=http://127.0.0.1:9000&region=eu-west-1").unwrap();
+        assert_eq!(c.bucket, "models");
+        assert_eq!(c.prefix, "llmchain/blobs");
+        assert_eq!(c.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(c.region, "eu-west-1");
+        let c = parse_s3("bucket").unwrap();
+        assert_eq!((c.prefix.as_str(), c.endpoint.is_none(), c.region.as_str()), ("", true, "us-east-1"));
+        for bad in ["", "/x", "b?colour=red", "b?endpoint="] {
+            let err = parse_s3(bad).unwrap_err().to_string();
+            assert!(err.contains("blobs"), "{bad}: {err}");
+        }
+    }
+}
