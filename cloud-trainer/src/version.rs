@@ -10,8 +10,7 @@ use std::{collections::BTreeMap, time::SystemTime};
 use llmchain_artifact::{
     Architecture, DType, Digest, Manifest, ModelRef, TensorInfo, TokenizerRef, TrainingMetadata, digest_bytes,
 };
-use llmchain_model::{Llama, LlamaConfig, SaveDtype, tokenizer::Tokenizer};
-use tch::{Device, Kind, Tensor};
+use llmchain_model::{Llama, LlamaConfig, SaveDtype, tokenizer::Tokenizer, weights::tensor_bytes};
 
 use crate::{Error, Result};
 
@@ -51,18 +50,6 @@ pub fn architecture(config: &LlamaConfig) -> Architecture {
         lora_rank: 0,
         lora_alpha: 0.0,
     }
-}
-
-/// Little-endian bytes of `tensor` converted to `dtype`.
-fn tensor_bytes(tensor: &Tensor, dtype: SaveDtype) -> Vec<u8> {
-    let kind = match dtype {
-        SaveDtype::F32 => Kind::Float,
-        SaveDtype::Bf16 => Kind::BFloat16,
-    };
-    let t = tch::no_grad(|| tensor.to_device(Device::Cpu).to_kind(kind).contiguous());
-    let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
-    t.copy_data_u8(&mut bytes, t.numel());
-    bytes
 }
 
 /// Builds version `id` (derived from `parent_version`, 0 for none) of `model`.

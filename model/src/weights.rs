@@ -322,6 +322,20 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).map_err(|source| Error::Write { path: path.to_owned(), source })
 }
 
+/// Row-major little-endian bytes of `tensor` converted to `dtype` (the safetensors layout,
+/// and the layout of a tensor blob in a model version).
+pub fn tensor_bytes(tensor: &Tensor, dtype: SaveDtype) -> Vec<u8> {
+    kind_bytes(tensor, dtype.kind())
+}
+
+fn kind_bytes(tensor: &Tensor, kind: Kind) -> Vec<u8> {
+    let t = tch::no_grad(|| tensor.to_device(Device::Cpu).to_kind(kind).contiguous());
+    let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+    // Little-endian, as is every platform libtorch supports.
+    t.copy_data_u8(&mut bytes, t.numel());
+    bytes
+}
+
 /// A tensor that turns into bytes only when the serialiser asks, so saving needs memory for
 /// one converted tensor at a time rather than a second copy of the model.
 struct LazyBytes {
@@ -341,11 +355,7 @@ impl View for LazyBytes {
     }
 
     fn data(&self) -> Cow<'_, [u8]> {
-        let t = tch::no_grad(|| self.tensor.to_device(Device::Cpu).to_kind(self.kind).contiguous());
-        let mut bytes = vec![0u8; self.data_len()];
-        // safetensors is little-endian, as is every platform libtorch supports.
-        t.copy_data_u8(&mut bytes, t.numel());
-        Cow::Owned(bytes)
+        Cow::Owned(kind_bytes(&self.tensor, self.kind))
     }
 
     fn data_len(&self) -> usize {
