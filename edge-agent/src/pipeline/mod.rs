@@ -1,0 +1,1 @@
+//! Records in, decisions out, summaries (being written).

@@ -1,0 +1,1 @@
+//! Model versions from the coordinator (being written).
