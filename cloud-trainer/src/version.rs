@@ -8,14 +8,16 @@
 use std::{collections::BTreeMap, time::SystemTime};
 
 use llmchain_artifact::{
-    Architecture, DType, Digest, Manifest, ModelRef, TensorInfo, TokenizerRef, TrainingMetadata, digest_bytes,
+    DType, Digest, Manifest, ModelRef, TensorInfo, TokenizerRef, TrainingMetadata, digest_bytes,
 };
-use llmchain_model::{Llama, LlamaConfig, SaveDtype, tokenizer::Tokenizer, weights::tensor_bytes};
+use llmchain_model::{
+    Llama, SaveDtype,
+    tokenizer::Tokenizer,
+    version::{TOKENIZER_KIND, architecture},
+    weights::tensor_bytes,
+};
 
 use crate::{Error, Result};
-
-/// Tokenizer blob kind: a `tokenizer.json` of the `tokenizers` library.
-pub const TOKENIZER_KIND: &str = "tokenizer-json";
 
 /// A version ready to publish: its manifest and the bytes of every blob it references.
 pub struct VersionBuild {
@@ -29,26 +31,6 @@ impl VersionBuild {
     /// Bytes of all blobs.
     pub fn total_bytes(&self) -> u64 {
         self.blobs.values().map(|b| b.len() as u64).sum()
-    }
-}
-
-/// The manifest architecture of a model config.
-pub fn architecture(config: &LlamaConfig) -> Architecture {
-    let u = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
-    Architecture {
-        family: "llama".into(),
-        vocab_size: u(config.vocab_size),
-        hidden_size: u(config.hidden_size),
-        intermediate_size: u(config.intermediate_size),
-        num_layers: u(config.num_hidden_layers),
-        num_heads: u(config.num_attention_heads),
-        num_kv_heads: u(config.num_key_value_heads),
-        rope_theta: config.rope_theta,
-        rms_norm_eps: config.rms_norm_eps,
-        max_position_embeddings: u(config.max_position_embeddings),
-        tie_word_embeddings: config.tie_word_embeddings,
-        lora_rank: 0,
-        lora_alpha: 0.0,
     }
 }
 

@@ -9,7 +9,9 @@ pub mod error;
 pub mod gguf;
 pub mod inference;
 pub mod llama;
+pub mod prompt;
 pub mod tokenizer;
+pub mod version;
 pub mod weights;
 
 pub use config::LlamaConfig;

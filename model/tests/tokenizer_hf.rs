@@ -270,3 +270,28 @@ proptest::proptest! {
         proptest::prop_assert_eq!(tok.decode(&ids).unwrap(), text);
     }
 }
+
+#[test]
+fn classifier_prompt_splits_at_a_token_boundary() {
+    use llmchain_model::prompt::ClassifierPrompt;
+    let tok = tokenizer();
+    let instructions = "Reply with one word: normal or shutdown.";
+    let prompt = ClassifierPrompt::new(tok, instructions, &["normal", "shutdown"]).unwrap();
+    for text in ["machine: pump\nnote: smoke!", "", "  leading spaces and ünïcode"] {
+        let whole = tok
+            .encode(&tok.apply_chat_template(
+                &[ChatMessage::new("system", instructions), ChatMessage::new("user", text)],
+                true,
+            ))
+            .unwrap();
+        // Tokenizing the prefix and the record part apart gives exactly the whole prompt's ids,
+        // so the prefix's cached keys and values are the ones the whole prompt would compute.
+        assert_eq!(prompt.full_ids(tok, text).unwrap(), whole, "text {text:?}");
+        assert!(whole.starts_with(prompt.prefix_ids()));
+    }
+    let im_end = tok.im_end_id().unwrap();
+    for (cand, label) in prompt.candidates().iter().zip(["normal", "shutdown"]) {
+        assert_eq!(cand.last(), Some(&im_end));
+        assert_eq!(tok.decode(&cand[..cand.len() - 1]).unwrap(), label);
+    }
+}
