@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::server::Limits;
+use crate::{fleet::FleetConfig, server::Limits};
 
 /// Flags of `coordinator serve`; every one may also come from the environment or the file.
 #[derive(Debug, Default, Clone, clap::Args, Serialize, Deserialize)]
@@ -41,6 +41,13 @@ pub struct ServeArgs {
     /// Hours an unreferenced blob is kept before garbage collection removes it [default: 24].
     #[arg(long, env = "LLMCHAIN_BLOB_GC_GRACE_H", value_name = "HOURS")]
     pub blob_gc_grace_h: Option<u64>,
+    /// How often agents must heartbeat on their session, in milliseconds [default: 5000].
+    #[arg(long, env = "LLMCHAIN_HEARTBEAT_INTERVAL_MS", value_name = "MS")]
+    pub heartbeat_interval_ms: Option<u32>,
+    /// Silence after which an agent shows offline and its session ends, in milliseconds; more
+    /// than the heartbeat interval (etcd rounds it up to whole seconds) [default: 15000].
+    #[arg(long, env = "LLMCHAIN_LEASE_TTL_MS", value_name = "MS")]
+    pub lease_ttl_ms: Option<u32>,
 }
 
 /// Validated settings of `coordinator serve`.
@@ -58,6 +65,8 @@ pub struct ServeSettings {
     pub trainer_keys: Vec<PathBuf>,
     /// Grace period before unreferenced blobs are deleted.
     pub blob_gc_grace: Duration,
+    /// Agent session timing.
+    pub fleet: FleetConfig,
 }
 
 impl ServeArgs {
@@ -80,6 +89,27 @@ impl ServeArgs {
         anyhow::ensure!(limits.per_connection_concurrency > 0, "max_concurrent_per_conn must be at least 1");
         anyhow::ensure!(limits.global_concurrency > 0, "max_concurrent must be at least 1");
         anyhow::ensure!(limits.max_message_bytes >= 64 << 10, "max_message_bytes must be at least 65536");
+        let fleet_defaults = FleetConfig::default();
+        let fleet = FleetConfig {
+            heartbeat_interval: merged
+                .heartbeat_interval_ms
+                .map(|ms| Duration::from_millis(ms.into()))
+                .unwrap_or(fleet_defaults.heartbeat_interval),
+            lease_ttl: merged
+                .lease_ttl_ms
+                .map(|ms| Duration::from_millis(ms.into()))
+                .unwrap_or(fleet_defaults.lease_ttl),
+        };
+        anyhow::ensure!(
+            fleet.heartbeat_interval >= Duration::from_millis(10),
+            "heartbeat_interval_ms must be at least 10"
+        );
+        anyhow::ensure!(
+            fleet.lease_ttl > fleet.heartbeat_interval,
+            "lease_ttl_ms ({}) must exceed heartbeat_interval_ms ({})",
+            fleet.lease_ttl.as_millis(),
+            fleet.heartbeat_interval.as_millis()
+        );
         Ok(ServeSettings {
             listen: merged.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7400))),
             limits,
@@ -87,6 +117,7 @@ impl ServeArgs {
             blobs: merged.blobs.unwrap_or_else(|| "llmchain-data/blobs".into()),
             trainer_keys: merged.trainer_key.unwrap_or_default(),
             blob_gc_grace: Duration::from_secs(3600 * merged.blob_gc_grace_h.unwrap_or(24)),
+            fleet,
         })
     }
 }
@@ -97,4 +128,46 @@ pub struct ConfigFile {
     /// TOML file with the same keys as the long flags (underscores for dashes).
     #[arg(long, env = "LLMCHAIN_CONFIG", value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fleet_timing_defaults_and_must_leave_room_for_a_heartbeat() {
+        let defaults = ServeArgs::default().resolve(None).unwrap();
+        assert_eq!(defaults.fleet, FleetConfig::default());
+        assert_eq!(defaults.fleet.heartbeat_interval, Duration::from_millis(5000));
+        assert_eq!(defaults.fleet.lease_ttl, Duration::from_millis(15_000));
+        let args =
+            ServeArgs { heartbeat_interval_ms: Some(300), lease_ttl_ms: Some(1000), ..Default::default() };
+        let fleet = args.resolve(None).unwrap().fleet;
+        assert_eq!(
+            (fleet.heartbeat_interval, fleet.lease_ttl),
+            (Duration::from_millis(300), Duration::from_secs(1))
+        );
+        let args =
+            ServeArgs { heartbeat_interval_ms: Some(2000), lease_ttl_ms: Some(1000), ..Default::default() };
+        let err = args.resolve(None).unwrap_err().to_string();
+        assert!(err.contains("lease_ttl_ms"), "{err}");
+    }
+
+    #[test]
+    fn the_file_supplies_fleet_timing_that_flags_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("coordinator.toml");
+        std::fs::write(&file, "heartbeat_interval_ms = 1000\nlease_ttl_ms = 4000\n").unwrap();
+        let from_file = ServeArgs::default().resolve(Some(&file)).unwrap().fleet;
+        assert_eq!(
+            (from_file.heartbeat_interval, from_file.lease_ttl),
+            (Duration::from_secs(1), Duration::from_secs(4))
+        );
+        let flags = ServeArgs { lease_ttl_ms: Some(9000), ..Default::default() };
+        let merged = flags.resolve(Some(&file)).unwrap().fleet;
+        assert_eq!(
+            (merged.heartbeat_interval, merged.lease_ttl),
+            (Duration::from_secs(1), Duration::from_secs(9))
+        );
+    }
 }

@@ -5,6 +5,7 @@
 pub mod blobs;
 pub mod config;
 pub mod error;
+pub mod fleet;
 pub mod registry;
 pub mod server;
 pub mod store;

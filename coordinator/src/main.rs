@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use llmchain_artifact::{PublicKey, TrustedKeys};
 use llmchain_coordinator::{
     blobs::{self, VerifiedBlobs},
-    config, registry, server, store,
+    config, fleet, registry, server, store,
 };
 use llmchain_runtime::{shutdown, telemetry};
 
@@ -60,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
             }
             let registry = Arc::new(registry::Registry::new(
                 registry::RegistryConfig::new(TrustedKeys::new(keys)),
-                state,
+                state.clone(),
                 blobs.clone(),
             ));
             blobs.spawn_scrubber(Duration::from_secs(6 * 3600), shutdown.child_token());
@@ -73,8 +73,10 @@ async fn main() -> anyhow::Result<()> {
             let listener = server::bind(settings.listen).await?;
             // Tests and scripts read the bound address from this line (port 0 picks a free one).
             println!("listening on {}", listener.local_addr()?);
+            let fleet = Arc::new(fleet::Fleet::new(settings.fleet, state.clone(), shutdown.child_token()));
             let mut services = server::ServiceSet::default();
             services.add(registry::service(registry));
+            services.add(fleet::service(fleet));
             server::serve(listener, services, settings.limits, shutdown).await?;
         }
     }

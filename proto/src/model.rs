@@ -806,5 +806,492 @@ impl TryFrom<pb::CreateBootstrapTokenRequest> for TokenRequest {
     }
 }
 
+/// Most agent ids one `Assign` call may name.
+pub const MAX_ASSIGN_AGENTS: usize = 10_000;
+/// Summaries `ListSummaries` returns when the request sets no limit.
+pub const DEFAULT_SUMMARY_LIMIT: usize = 1_000;
+
+impl From<Label> for pb::Label {
+    fn from(l: Label) -> Self {
+        pb::Label { key: l.key, value: l.value }
+    }
+}
+
+impl fmt::Display for LabelSelector {
+    /// The `k=v,k2=v2` form [`LabelSelector::parse`] reads.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, l) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{}={}", l.key, l.value)?;
+        }
+        Ok(())
+    }
+}
+
+/// A version field documented as optional: absent or version 0 means none.
+fn optional_model_ref(field: &str, m: Option<pb::ModelRef>) -> ApiResult<Option<ModelRef>> {
+    match m {
+        None => Ok(None),
+        Some(m) if m.version == 0 && m.model.is_empty() => Ok(None),
+        Some(m) if m.version == 0 => {
+            ModelName::parse(&format!("{field}.model"), &m.model)?;
+            Ok(None)
+        }
+        Some(m) => ModelRef::try_from(m).map(Some).map_err(|e| e.within(field)),
+    }
+}
+
+fn optional_model_to_wire(m: Option<ModelRef>) -> Option<pb::ModelRef> {
+    Some(m.map(Into::into).unwrap_or_default())
+}
+
+fn check_text(field: &str, value: &str, max: usize) -> ApiResult<()> {
+    if value.len() > max {
+        return Err(ApiError::invalid(field, format!("at most {max} bytes")));
+    }
+    Ok(())
+}
+
+/// What an agent reports it is doing (`Hello.status`, `Heartbeat.status`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AgentStatus {
+    /// Version serving decisions, if any.
+    pub running: Option<ModelRef>,
+    /// Version being fetched or loaded, if any.
+    pub pending: Option<ModelRef>,
+    /// Bytes of the pending version downloaded so far.
+    pub download_done_bytes: u64,
+    /// Bytes of the pending version in all.
+    pub download_total_bytes: u64,
+    /// Decisions per second over the last window (finite, ≥ 0).
+    pub decisions_per_second: f64,
+    /// Raw record bytes seen since the agent started.
+    pub raw_bytes: u64,
+    /// Summary bytes sent since the agent started.
+    pub summary_bytes: u64,
+    /// Last error, empty when healthy (at most 4 KiB).
+    pub last_error: String,
+    /// Summaries waiting in the offline spool.
+    pub spool_depth: u64,
+}
+
+impl TryFrom<pb::AgentStatus> for AgentStatus {
+    type Error = ApiError;
+    fn try_from(s: pb::AgentStatus) -> ApiResult<Self> {
+        let running = optional_model_ref("running", s.running)?;
+        let pending = optional_model_ref("pending", s.pending)?;
+        if !s.decisions_per_second.is_finite() || s.decisions_per_second < 0.0 {
+            return Err(ApiError::invalid("decisions_per_second", "must be a finite, non-negative number"));
+        }
+        check_text("last_error", &s.last_error, 4096)?;
+        Ok(AgentStatus {
+            running,
+            pending,
+            download_done_bytes: s.download_done_bytes,
+            download_total_bytes: s.download_total_bytes,
+            decisions_per_second: s.decisions_per_second,
+            raw_bytes: s.raw_bytes,
+            summary_bytes: s.summary_bytes,
+            last_error: s.last_error,
+            spool_depth: s.spool_depth,
+        })
+    }
+}
+
+impl From<AgentStatus> for pb::AgentStatus {
+    fn from(s: AgentStatus) -> Self {
+        pb::AgentStatus {
+            running: optional_model_to_wire(s.running),
+            pending: optional_model_to_wire(s.pending),
+            download_done_bytes: s.download_done_bytes,
+            download_total_bytes: s.download_total_bytes,
+            decisions_per_second: s.decisions_per_second,
+            raw_bytes: s.raw_bytes,
+            summary_bytes: s.summary_bytes,
+            last_error: s.last_error,
+            spool_depth: s.spool_depth,
+        }
+    }
+}
+
+/// A status that may be absent on the wire (an agent that has nothing to say yet).
+fn status_or_default(field: &str, s: Option<pb::AgentStatus>) -> ApiResult<AgentStatus> {
+    s.map(AgentStatus::try_from).transpose().map_err(|e| e.within(field)).map(Option::unwrap_or_default)
+}
+
+/// The first message of a session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hello {
+    /// Agent identity.
+    pub agent_id: AgentId,
+    /// Labels the agent reports.
+    pub labels: Vec<Label>,
+    /// Current status.
+    pub status: AgentStatus,
+    /// Agent software version (at most 64 bytes).
+    pub agent_version: String,
+}
+
+impl TryFrom<pb::Hello> for Hello {
+    type Error = ApiError;
+    fn try_from(h: pb::Hello) -> ApiResult<Self> {
+        let agent_id = AgentId::parse("agent_id", &h.agent_id)?;
+        let labels = labels("labels", h.labels)?;
+        let status = status_or_default("status", h.status)?;
+        check_text("agent_version", &h.agent_version, 64)?;
+        Ok(Hello { agent_id, labels, status, agent_version: h.agent_version })
+    }
+}
+
+/// A periodic heartbeat.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Heartbeat {
+    /// Sequence number within the session.
+    pub seq: u64,
+    /// Agent clock at send time, if given.
+    pub sent_at: Option<SystemTime>,
+    /// Current status.
+    pub status: AgentStatus,
+}
+
+impl TryFrom<pb::Heartbeat> for Heartbeat {
+    type Error = ApiError;
+    fn try_from(h: pb::Heartbeat) -> ApiResult<Self> {
+        let sent_at = h.sent_at.as_ref().map(|t| timestamp("sent_at", t)).transpose()?;
+        let status = status_or_default("status", h.status)?;
+        Ok(Heartbeat { seq: h.seq, sent_at, status })
+    }
+}
+
+/// Outcome of an assignment on an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AssignmentOutcome {
+    /// Downloaded and verified, not activated.
+    Prefetched,
+    /// Loaded, self-tested and swapped in.
+    Activated,
+    /// Download or verification failed.
+    FetchFailed,
+    /// Loading or the self-test failed.
+    LoadFailed,
+    /// Refused by the agent.
+    Refused,
+}
+
+impl AssignmentOutcome {
+    /// Lowercase name, as records and logs write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AssignmentOutcome::Prefetched => "prefetched",
+            AssignmentOutcome::Activated => "activated",
+            AssignmentOutcome::FetchFailed => "fetch_failed",
+            AssignmentOutcome::LoadFailed => "load_failed",
+            AssignmentOutcome::Refused => "refused",
+        }
+    }
+
+    /// The outcome a name from [`AssignmentOutcome::as_str`] stands for.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Prefetched, Self::Activated, Self::FetchFailed, Self::LoadFailed, Self::Refused]
+            .into_iter()
+            .find(|o| o.as_str() == name)
+    }
+
+    fn from_wire(field: &str, value: i32) -> ApiResult<Self> {
+        match pb::AssignmentOutcome::try_from(value) {
+            Ok(pb::AssignmentOutcome::Prefetched) => Ok(Self::Prefetched),
+            Ok(pb::AssignmentOutcome::Activated) => Ok(Self::Activated),
+            Ok(pb::AssignmentOutcome::FetchFailed) => Ok(Self::FetchFailed),
+            Ok(pb::AssignmentOutcome::LoadFailed) => Ok(Self::LoadFailed),
+            Ok(pb::AssignmentOutcome::Refused) => Ok(Self::Refused),
+            _ => Err(ApiError::invalid(field, format!("unknown outcome {value}"))),
+        }
+    }
+}
+
+impl From<AssignmentOutcome> for pb::AssignmentOutcome {
+    fn from(o: AssignmentOutcome) -> Self {
+        match o {
+            AssignmentOutcome::Prefetched => pb::AssignmentOutcome::Prefetched,
+            AssignmentOutcome::Activated => pb::AssignmentOutcome::Activated,
+            AssignmentOutcome::FetchFailed => pb::AssignmentOutcome::FetchFailed,
+            AssignmentOutcome::LoadFailed => pb::AssignmentOutcome::LoadFailed,
+            AssignmentOutcome::Refused => pb::AssignmentOutcome::Refused,
+        }
+    }
+}
+
+/// What an agent did with an assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssignmentResult {
+    /// The assignment answered (1-200 bytes).
+    pub assignment_id: String,
+    /// Outcome.
+    pub outcome: AssignmentOutcome,
+    /// Details (at most 4 KiB).
+    pub message: String,
+    /// Version running afterwards, if any.
+    pub running: Option<ModelRef>,
+}
+
+impl TryFrom<pb::AssignmentResult> for AssignmentResult {
+    type Error = ApiError;
+    fn try_from(r: pb::AssignmentResult) -> ApiResult<Self> {
+        if r.assignment_id.is_empty() {
+            return Err(ApiError::invalid("assignment_id", "is required"));
+        }
+        check_text("assignment_id", &r.assignment_id, 200)?;
+        let outcome = AssignmentOutcome::from_wire("outcome", r.outcome)?;
+        check_text("message", &r.message, 4096)?;
+        let running = optional_model_ref("running", r.running)?;
+        Ok(AssignmentResult { assignment_id: r.assignment_id, outcome, message: r.message, running })
+    }
+}
+
+impl From<AssignmentResult> for pb::AssignmentResult {
+    fn from(r: AssignmentResult) -> Self {
+        pb::AssignmentResult {
+            assignment_id: r.assignment_id,
+            outcome: pb::AssignmentOutcome::from(r.outcome) as i32,
+            message: r.message,
+            running: optional_model_to_wire(r.running),
+        }
+    }
+}
+
+/// One validated message from an agent on its session.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentMessage {
+    /// Opens the session.
+    Hello(Hello),
+    /// Liveness and status.
+    Heartbeat(Heartbeat),
+    /// Result of an assignment.
+    Result(AssignmentResult),
+}
+
+impl TryFrom<pb::AgentMessage> for AgentMessage {
+    type Error = ApiError;
+    fn try_from(m: pb::AgentMessage) -> ApiResult<Self> {
+        use pb::agent_message::Kind;
+        match m.kind {
+            Some(Kind::Hello(h)) => {
+                Hello::try_from(h).map(AgentMessage::Hello).map_err(|e| e.within("hello"))
+            }
+            Some(Kind::Heartbeat(h)) => {
+                Heartbeat::try_from(h).map(AgentMessage::Heartbeat).map_err(|e| e.within("heartbeat"))
+            }
+            Some(Kind::Result(r)) => {
+                AssignmentResult::try_from(r).map(AgentMessage::Result).map_err(|e| e.within("result"))
+            }
+            None => Err(ApiError::invalid("kind", "must be hello, heartbeat or result")),
+        }
+    }
+}
+
+/// W3C trace context carried inside an assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    /// The `traceparent` value.
+    pub traceparent: String,
+    /// The `tracestate` value, possibly empty.
+    pub tracestate: String,
+}
+
+/// A version an agent must hold or run, as stored and sent on its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    /// Unique id, echoed in the agent's [`AssignmentResult`].
+    pub assignment_id: String,
+    /// The version.
+    pub target: ModelRef,
+    /// Load and switch to it (else pre-fetch only).
+    pub activate: bool,
+    /// Moves the agent to an older version on purpose.
+    pub rollback: bool,
+    /// Rollout the assignment belongs to, if any.
+    pub rollout_id: Option<String>,
+    /// Trace context of whoever assigned it, so the agent's work joins that trace.
+    pub trace: Option<TraceContext>,
+}
+
+impl From<Assignment> for pb::Assignment {
+    fn from(a: Assignment) -> Self {
+        pb::Assignment {
+            assignment_id: a.assignment_id,
+            target: Some(a.target.into()),
+            activate: a.activate,
+            rollback: a.rollback,
+            rollout_id: a.rollout_id.unwrap_or_default(),
+            trace: a.trace.map(|t| pb::TraceContext { traceparent: t.traceparent, tracestate: t.tracestate }),
+        }
+    }
+}
+
+/// A validated `Assign` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssignSpec {
+    /// Agents by id (deduplicated, sorted) or by a non-empty selector.
+    pub targets: Targets,
+    /// The version.
+    pub target: ModelRef,
+    /// Load and switch to it (else pre-fetch only).
+    pub activate: bool,
+    /// Moves agents to an older version on purpose.
+    pub rollback: bool,
+    /// Rollout the assignment belongs to, if any.
+    pub rollout_id: Option<String>,
+}
+
+impl TryFrom<pb::AssignRequest> for AssignSpec {
+    type Error = ApiError;
+    fn try_from(r: pb::AssignRequest) -> ApiResult<Self> {
+        let targets = match (r.agent_ids.is_empty(), r.selector.trim().is_empty()) {
+            (true, true) => return Err(ApiError::invalid("agent_ids", "give agent_ids or a selector")),
+            (false, false) => {
+                return Err(ApiError::invalid("selector", "give agent_ids or a selector, not both"));
+            }
+            (false, true) => {
+                if r.agent_ids.len() > MAX_ASSIGN_AGENTS {
+                    return Err(ApiError::invalid("agent_ids", format!("at most {MAX_ASSIGN_AGENTS}")));
+                }
+                let mut ids = r
+                    .agent_ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| AgentId::parse(&format!("agent_ids[{i}]"), a))
+                    .collect::<ApiResult<Vec<_>>>()?;
+                ids.sort();
+                ids.dedup();
+                Targets::Agents(ids)
+            }
+            (true, false) => {
+                let selector = LabelSelector::parse("selector", &r.selector)?;
+                if selector.0.is_empty() {
+                    return Err(ApiError::invalid("selector", "needs at least one key=value"));
+                }
+                Targets::Selector(selector)
+            }
+        };
+        let target = required("target", r.target)?;
+        let rollout_id = match r.rollout_id.as_str() {
+            "" => None,
+            id if id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) => {
+                return Err(ApiError::invalid(
+                    "rollout_id",
+                    "must be at most 128 printable ASCII characters",
+                ));
+            }
+            id => Some(id.to_string()),
+        };
+        Ok(AssignSpec { targets, target, activate: r.activate, rollback: r.rollback, rollout_id })
+    }
+}
+
+impl From<Summary> for pb::Summary {
+    fn from(s: Summary) -> Self {
+        pb::Summary {
+            agent_id: s.agent_id.0,
+            seq: s.seq,
+            window_start: Some(s.window_start.into()),
+            window_end: Some(s.window_end.into()),
+            model: Some(s.model.into()),
+            label_counts: s
+                .label_counts
+                .into_iter()
+                .map(|(label, count)| pb::LabelCount { label, count })
+                .collect(),
+            confidence_histogram: s.confidence_histogram,
+            latency_p50_ms: s.latency_ms[0],
+            latency_p95_ms: s.latency_ms[1],
+            latency_p99_ms: s.latency_ms[2],
+            records: s.records,
+            raw_bytes: s.raw_bytes,
+            bad_records: s.bad_records,
+            hard_examples: s
+                .hard_examples
+                .into_iter()
+                .map(|h| pb::HardExample {
+                    text: h.text,
+                    decision: h.decision,
+                    scores: h
+                        .scores
+                        .into_iter()
+                        .map(|sc| pb::LabelScore {
+                            label: sc.label,
+                            logprob: sc.logprob,
+                            probability: sc.probability,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            spool_dropped: s.spool_dropped,
+        }
+    }
+}
+
+/// Which summaries `ListSummaries` and `WatchSummaries` return.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SummaryQuery {
+    /// Only this agent.
+    pub agent_id: Option<AgentId>,
+    /// Only this model.
+    pub model: Option<ModelName>,
+    /// Only this version of `model` (never set without `model`).
+    pub version: Option<u64>,
+    /// Only windows ending at or after this instant.
+    pub window_start: Option<SystemTime>,
+    /// Only windows ending before this instant.
+    pub window_end: Option<SystemTime>,
+    /// At most this many (1-[`DEFAULT_SUMMARY_LIMIT`] when unset).
+    pub limit: usize,
+}
+
+impl SummaryQuery {
+    /// Whether a summary passes every filter (the limit aside).
+    pub fn matches(&self, s: &Summary) -> bool {
+        self.agent_id.as_ref().is_none_or(|a| *a == s.agent_id)
+            && self.model.as_ref().is_none_or(|m| *m == s.model.model)
+            && self.version.is_none_or(|v| v == s.model.version)
+            && self.window_start.is_none_or(|t| s.window_end >= t)
+            && self.window_end.is_none_or(|t| s.window_end < t)
+    }
+}
+
+impl TryFrom<pb::ListSummariesRequest> for SummaryQuery {
+    type Error = ApiError;
+    fn try_from(r: pb::ListSummariesRequest) -> ApiResult<Self> {
+        let agent_id =
+            (!r.agent_id.is_empty()).then(|| AgentId::parse("agent_id", &r.agent_id)).transpose()?;
+        let (model, version) = match r.model {
+            None => (None, None),
+            Some(m) if m.model.is_empty() => {
+                if m.version != 0 {
+                    return Err(ApiError::invalid("model.model", "is required when a version is given"));
+                }
+                (None, None)
+            }
+            Some(m) => {
+                (Some(ModelName::parse("model.model", &m.model)?), (m.version != 0).then_some(m.version))
+            }
+        };
+        let window = r.window.unwrap_or_default();
+        let window_start = window.start.as_ref().map(|t| timestamp("window.start", t)).transpose()?;
+        let window_end = window.end.as_ref().map(|t| timestamp("window.end", t)).transpose()?;
+        if let (Some(s), Some(e)) = (window_start, window_end)
+            && e < s
+        {
+            return Err(ApiError::invalid("window.end", "is before window.start"));
+        }
+        let limit = match r.limit as usize {
+            0 => DEFAULT_SUMMARY_LIMIT,
+            n => n.min(DEFAULT_SUMMARY_LIMIT),
+        };
+        Ok(SummaryQuery { agent_id, model, version, window_start, window_end, limit })
+    }
+}
+
 #[cfg(test)]
 mod tests;

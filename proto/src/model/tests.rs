@@ -311,3 +311,131 @@ fn token_request_checks_role_name_and_ttl() {
         "ttl_seconds",
     );
 }
+
+fn assign() -> pb::AssignRequest {
+    pb::AssignRequest {
+        agent_ids: vec!["b".into(), "a".into(), "b".into()],
+        target: Some(model_ref("m", 2)),
+        activate: true,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn assign_spec_takes_ids_or_a_selector_and_a_target() {
+    let spec = AssignSpec::try_from(assign()).unwrap();
+    let ids = |v: &[&str]| v.iter().map(|s| AgentId::parse("a", s).unwrap()).collect::<Vec<_>>();
+    assert_eq!(spec.targets, Targets::Agents(ids(&["a", "b"])), "sorted and deduplicated");
+    assert_eq!(spec.rollout_id, None);
+    let by_sel = pb::AssignRequest { agent_ids: vec![], selector: "site=p7".into(), ..assign() };
+    let spec = AssignSpec::try_from(by_sel.clone()).unwrap();
+    assert!(matches!(spec.targets, Targets::Selector(ref s) if s.to_string() == "site=p7"));
+    rejects(AssignSpec::try_from(pb::AssignRequest { agent_ids: vec![], ..assign() }), "agent_ids");
+    rejects(AssignSpec::try_from(pb::AssignRequest { selector: "site=p7".into(), ..assign() }), "selector");
+    rejects(AssignSpec::try_from(pb::AssignRequest { selector: " , ".into(), ..by_sel.clone() }), "selector");
+    rejects(
+        AssignSpec::try_from(pb::AssignRequest { agent_ids: vec!["A B".into()], ..assign() }),
+        "agent_ids[0]",
+    );
+    rejects(AssignSpec::try_from(pb::AssignRequest { target: None, ..assign() }), "target");
+    rejects(
+        AssignSpec::try_from(pb::AssignRequest { target: Some(model_ref("m", 0)), ..assign() }),
+        "target.version",
+    );
+    rejects(AssignSpec::try_from(pb::AssignRequest { rollout_id: "a b".into(), ..assign() }), "rollout_id");
+}
+
+#[test]
+fn agent_messages_validate_their_kind_and_fields() {
+    use pb::agent_message::Kind;
+    let hello =
+        pb::Hello { agent_id: "edge-1".into(), labels: vec![], status: None, agent_version: "1".into() };
+    let msg = |kind| pb::AgentMessage { kind: Some(kind) };
+    let Ok(AgentMessage::Hello(h)) = AgentMessage::try_from(msg(Kind::Hello(hello.clone()))) else {
+        panic!("a valid hello")
+    };
+    assert_eq!(h.status, AgentStatus::default(), "an absent status is the empty one");
+    rejects(AgentMessage::try_from(pb::AgentMessage { kind: None }), "kind");
+    rejects(
+        AgentMessage::try_from(msg(Kind::Hello(pb::Hello { agent_id: "".into(), ..hello.clone() }))),
+        "hello.agent_id",
+    );
+    let status = pb::AgentStatus { decisions_per_second: f64::NAN, ..Default::default() };
+    rejects(
+        AgentMessage::try_from(msg(Kind::Heartbeat(pb::Heartbeat {
+            seq: 1,
+            sent_at: None,
+            status: Some(status),
+        }))),
+        "heartbeat.status.decisions_per_second",
+    );
+    // Version 0 means "none" in a status; a named model with version 0 is still checked.
+    let running = pb::AgentStatus { running: Some(model_ref("m", 0)), ..Default::default() };
+    assert_eq!(AgentStatus::try_from(running).unwrap().running, None);
+    rejects(
+        AgentStatus::try_from(pb::AgentStatus { pending: Some(model_ref("Bad", 0)), ..Default::default() }),
+        "pending.model",
+    );
+    let result = pb::AssignmentResult {
+        assignment_id: "x".into(),
+        outcome: pb::AssignmentOutcome::Activated as i32,
+        message: String::new(),
+        running: Some(model_ref("m", 2)),
+    };
+    let Ok(AgentMessage::Result(r)) = AgentMessage::try_from(msg(Kind::Result(result.clone()))) else {
+        panic!("a valid result")
+    };
+    assert_eq!(pb::AssignmentResult::from(r), result, "round-trips");
+    rejects(AssignmentResult::try_from(pb::AssignmentResult { outcome: 0, ..result.clone() }), "outcome");
+    rejects(
+        AssignmentResult::try_from(pb::AssignmentResult { assignment_id: "".into(), ..result }),
+        "assignment_id",
+    );
+}
+
+#[test]
+fn summary_round_trips_to_the_wire() {
+    let mut s = summary();
+    s.hard_examples = vec![pb::HardExample {
+        text: "t".into(),
+        decision: "inspect".into(),
+        scores: vec![pb::LabelScore { label: "inspect".into(), logprob: -0.5, probability: 0.6 }],
+    }];
+    assert_eq!(pb::Summary::from(Summary::try_from(s.clone()).unwrap()), s);
+}
+
+#[test]
+fn summary_query_defaults_caps_and_filters() {
+    let q = SummaryQuery::try_from(pb::ListSummariesRequest::default()).unwrap();
+    assert_eq!(
+        (q.agent_id.clone(), q.model.clone(), q.version, q.limit),
+        (None, None, None, DEFAULT_SUMMARY_LIMIT)
+    );
+    let s = Summary::try_from(summary()).unwrap();
+    assert!(q.matches(&s));
+    let q = SummaryQuery::try_from(pb::ListSummariesRequest { limit: 5_000, ..Default::default() }).unwrap();
+    assert_eq!(q.limit, DEFAULT_SUMMARY_LIMIT);
+    let ts = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+    let window = |start, end| pb::ListSummariesRequest {
+        window: Some(pb::TimeRange { start: ts(start), end: ts(end) }),
+        ..Default::default()
+    };
+    assert!(SummaryQuery::try_from(window(160, 161)).unwrap().matches(&s), "start is inclusive");
+    assert!(!SummaryQuery::try_from(window(100, 160)).unwrap().matches(&s), "end is exclusive");
+    let version = pb::ListSummariesRequest { model: Some(model_ref("m", 2)), ..Default::default() };
+    assert!(!SummaryQuery::try_from(version).unwrap().matches(&s));
+    let other = pb::ListSummariesRequest { agent_id: "agent-2".into(), ..Default::default() };
+    assert!(!SummaryQuery::try_from(other).unwrap().matches(&s));
+    rejects(SummaryQuery::try_from(window(200, 100)), "window.end");
+    rejects(
+        SummaryQuery::try_from(pb::ListSummariesRequest {
+            model: Some(model_ref("", 1)),
+            ..Default::default()
+        }),
+        "model.model",
+    );
+    rejects(
+        SummaryQuery::try_from(pb::ListSummariesRequest { agent_id: "A".into(), ..Default::default() }),
+        "agent_id",
+    );
+}
