@@ -1,7 +1,14 @@
-//! The cloud trainer: turns a model in memory into a signed, content-addressed version and
+//! The cloud trainer: generates and loads data sets, fine-tunes a model (last layers, LoRA or
+//! full) with libtorch, evaluates it, turns it into a signed, content-addressed version and
 //! publishes it to a coordinator, uploading only the blobs the coordinator lacks.
 
+pub mod data;
+pub mod eval;
+pub mod pipeline;
+pub mod plot;
 pub mod publish;
+pub mod remote;
+pub mod train;
 pub mod version;
 
 /// Errors of the trainer library.

@@ -66,10 +66,18 @@ pub fn build(
     if parent_version >= id.version {
         return Err(Error::Invalid(format!("parent version {parent_version} must be below {}", id.version)));
     }
+    // Adapters are tensors of their own: the architecture says their rank and alpha, and the
+    // base tensors keep their bytes (and digests) from the parent.
+    let mut arch = architecture(model.config());
+    if let Some(lora) = model.lora() {
+        arch.lora_rank =
+            u32::try_from(lora.rank).map_err(|_| Error::Invalid("LoRA rank too large".into()))?;
+        arch.lora_alpha = lora.alpha;
+    }
     let manifest = Manifest {
         id,
         parent_version,
-        architecture: architecture(model.config()),
+        architecture: arch,
         tokenizer: tokenizer_ref,
         tensors,
         training,

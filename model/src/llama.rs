@@ -54,16 +54,64 @@ struct Layer {
     up_proj: Tensor,
     gate_up: Tensor,
     down_proj: Tensor,
+    /// LoRA adapters of the seven projections in [`LORA_PROJECTIONS`] order, when added.
+    lora: Option<Vec<Adapter>>,
 }
 
 impl Layer {
-    /// Whether any projection is being trained: then the forward pass must go through the
-    /// parameter views themselves, or autograd would not reach them.
-    fn training(&self) -> bool {
-        [&self.q_proj, &self.k_proj, &self.v_proj, &self.gate_proj, &self.up_proj]
-            .iter()
-            .any(|t| t.requires_grad())
+    /// Whether the forward pass must go through the separate projections: when any of them is
+    /// being trained (or autograd would not reach the parameter views), or when adapters are
+    /// set (they act on each projection's own output).
+    fn unfused(&self) -> bool {
+        self.lora.is_some()
+            || [&self.q_proj, &self.k_proj, &self.v_proj, &self.gate_proj, &self.up_proj]
+                .iter()
+                .any(|t| t.requires_grad())
     }
+}
+
+/// The projections LoRA adapts, as HF name infixes, in the order [`Layer::lora`] holds them.
+pub const LORA_PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
+
+/// One projection's low-rank adapter: `y += scale · B (A x)`, `A` `[rank, in]`, `B` `[out, rank]`.
+struct Adapter {
+    a: Tensor,
+    b: Tensor,
+}
+
+/// Rank and alpha of the LoRA adapters a model carries.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraSpec {
+    /// Rank of every adapter.
+    pub rank: usize,
+    /// Scale numerator: adapters add `alpha / rank · B A x`.
+    pub alpha: f64,
+}
+
+/// Registers `t` in `vs` under the dot-separated HF `name` (VarStore paths are dot-separated:
+/// walk to the parent path, add the leaf).
+fn register(vs: &nn::VarStore, name: &str, t: Tensor) -> Tensor {
+    let (parent, leaf) = name.rsplit_once('.').unwrap_or(("", name));
+    let mut path = vs.root();
+    for part in parent.split('.').filter(|p| !p.is_empty()) {
+        path = path.sub(part);
+    }
+    path.add(leaf, t, true)
 }
 
 /// The HF names of one layer's tensors, in [`Layer`] field order, with their shapes.
@@ -115,6 +163,8 @@ pub struct Llama {
     /// Intra-op threads for steps of at most [`SMALL_STEP_TOKENS`] tokens on the CPU (0: leave
     /// libtorch's setting alone). See [`Llama::set_small_step_threads`].
     small_step_threads: usize,
+    /// The adapters' rank and alpha, when [`Llama::add_lora`] added them.
+    lora: Option<LoraSpec>,
 }
 
 /// A step this small (batch × new tokens) is a matrix-vector product bound by memory bandwidth.
@@ -158,13 +208,7 @@ impl Llama {
                 }
                 None => t.contiguous(),
             };
-            // VarStore paths are dot-separated: walk to the parent path, add the leaf.
-            let (parent, leaf) = name.rsplit_once('.').unwrap_or(("", name));
-            let mut path = vs.root();
-            for part in parent.split('.').filter(|p| !p.is_empty()) {
-                path = path.sub(part);
-            }
-            Ok(path.add(leaf, t, true))
+            Ok(register(&vs, name, t))
         };
         let (h, kv, inter) =
             (config.hidden_size as i64, config.kv_dim() as i64, config.intermediate_size as i64);
@@ -194,6 +238,7 @@ impl Llama {
                 up_proj: t(Some(gate_up.narrow(0, inter, inter)))?,
                 gate_up,
                 down_proj: t(None)?,
+                lora: None,
             });
         }
         let (name, shape) = next();
@@ -219,7 +264,17 @@ impl Llama {
             ?device,
             "llama model built"
         );
-        Ok(Llama { config, vs, embed_tokens, layers, norm, lm_head, inv_freq, small_step_threads: 1 })
+        Ok(Llama {
+            config,
+            vs,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            small_step_threads: 1,
+            lora: None,
+        })
     }
 
     /// Sets the intra-op threads used for CPU steps of at most 4 tokens (decoding), 0 to use
@@ -429,6 +484,162 @@ impl Llama {
         hidden.linear::<Tensor>(&self.lm_head, None)
     }
 
+    /// Token embeddings `[B, T, hidden]` of `input_ids` `[B, T]`: the residual stream entering
+    /// block 0, for [`Llama::run_span`]. Differentiable when the embeddings are trainable.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        if input_ids.dim() != 2 || input_ids.numel() == 0 {
+            return Err(Error::input(format!(
+                "input_ids must be a non-empty [batch, len], got {:?}",
+                input_ids.size()
+            )));
+        }
+        let ids = input_ids.to_device(self.device()).to_kind(Kind::Int64);
+        let (min, max) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
+        if min < 0 || max >= self.config.vocab_size as i64 {
+            return Err(Error::input(format!("token ids span {min}..={max}, outside the vocabulary")));
+        }
+        Ok(Tensor::embedding(&self.embed_tokens, &ids, -1, false, false))
+    }
+
+    /// Runs the residual streams of a shared `prefix` `[1, P, hidden]` (optional) and a batch of
+    /// continuations `x` `[B, T, hidden]` through blocks `layers`, returning both streams after
+    /// them (without the final norm). This is the training forward pass:
+    ///
+    /// - every row of `x` continues the same prefix, so the prefix runs once (batch 1) and its
+    ///   keys and values are shared by all rows — for the task prompt the prefix is the system
+    ///   message, about half of every sequence;
+    /// - `layers` need not start at 0: with a frozen trunk, the stream entering block `k` is
+    ///   computed once per record (under `no_grad`) and training runs only `k..`.
+    ///
+    /// Rows of `x` are right-padded (real tokens first); the result at a real position equals
+    /// [`Llama::forward`] over `prefix ++ row` (then [`Llama::final_norm`] and [`Llama::logits`]).
+    /// Positions after a row's end hold values that must not be read. Differentiable unless called
+    /// under `no_grad`.
+    pub fn run_span(
+        &self,
+        prefix: Option<&Tensor>,
+        x: &Tensor,
+        layers: std::ops::Range<usize>,
+    ) -> Result<(Option<Tensor>, Tensor)> {
+        let h = self.config.hidden_size as i64;
+        let size = x.size();
+        let &[b, t, xh] = size.as_slice() else {
+            return Err(Error::input(format!("x must be [batch, len, hidden], got {size:?}")));
+        };
+        if xh != h || b == 0 || t == 0 {
+            return Err(Error::input(format!("x is {size:?}, expected [batch, len, {h}]")));
+        }
+        let p = match prefix {
+            None => 0,
+            Some(p) => match p.size().as_slice() {
+                &[1, len, ph] if ph == h && len > 0 => len,
+                other => return Err(Error::input(format!("prefix is {other:?}, expected [1, len, {h}]"))),
+            },
+        };
+        if layers.start > layers.end || layers.end > self.layers.len() {
+            return Err(Error::input(format!("blocks {layers:?} of a model with {}", self.layers.len())));
+        }
+        if (p + t) as usize > self.config.max_position_embeddings {
+            return Err(Error::input(format!("{} positions exceed the context of the model", p + t)));
+        }
+        let device = self.device();
+        let eps = self.config.rms_norm_eps;
+        let (pcos, psin) = self.rotary(&Tensor::arange(p.max(1), (Kind::Int64, device)).view([1, -1]));
+        let (cos, sin) = self.rotary(&Tensor::arange_start(p, p + t, (Kind::Int64, device)).view([1, -1]));
+        // Query i of a row sees the whole prefix and its own row up to i: right padding keeps
+        // every real query away from padded keys without a per-row mask.
+        let mask =
+            (p > 0).then(|| Tensor::ones([t, p + t], (Kind::Bool, device)).tril(p).view([1, 1, t, p + t]));
+        let mut prefix = prefix.map(Tensor::shallow_clone);
+        let mut x = x.to_device(device);
+        for layer in &self.layers[layers] {
+            let shared = match prefix.as_mut() {
+                Some(px) => {
+                    let hp = rms_norm(px, &layer.input_layernorm, eps);
+                    let (q, k, v) = self.qkv(layer, &hp, &pcos, &psin);
+                    let attn = self.attend(&q, &k, &v, None, true);
+                    let next = &*px + self.project(layer, O, &layer.o_proj, &attn);
+                    *px = self.mlp(layer, next);
+                    Some((k, v))
+                }
+                None => None,
+            };
+            let hx = rms_norm(&x, &layer.input_layernorm, eps);
+            let (q, k, v) = self.qkv(layer, &hx, &cos, &sin);
+            let attn = match shared {
+                Some((pk, pv)) => {
+                    let widen = |s: &Tensor| {
+                        let mut size = s.size();
+                        size[0] = b;
+                        s.expand(size, false)
+                    };
+                    let k = Tensor::cat(&[widen(&pk), k], 2);
+                    let v = Tensor::cat(&[widen(&pv), v], 2);
+                    self.attend(&q, &k, &v, mask.as_ref(), false)
+                }
+                None => self.attend(&q, &k, &v, None, true),
+            };
+            let next = &x + self.project(layer, O, &layer.o_proj, &attn);
+            x = self.mlp(layer, next);
+        }
+        Ok((prefix, x))
+    }
+
+    /// The final RMSNorm, turning a residual stream after the last block into the hidden states
+    /// [`Llama::logits`] reads.
+    pub fn final_norm(&self, x: &Tensor) -> Tensor {
+        rms_norm(x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// Adds rank-`rank` LoRA adapters to the seven projections of every block ([`LORA_PROJECTIONS`]),
+    /// registered as trainable parameters `<proj>.lora_A.weight` `[rank, in]` and
+    /// `<proj>.lora_B.weight` `[out, rank]`, as PEFT initialises them: `A` uniform in
+    /// `±1/sqrt(in)` (from libtorch's generator, so `tch::manual_seed` fixes it) and `B` zero,
+    /// so the model's outputs do not change until training moves `B`. Refused if the model has
+    /// adapters already. Inference without adapters is untouched (they cost one `Option` check).
+    pub fn add_lora(&mut self, rank: usize, alpha: f64) -> Result<()> {
+        if self.lora.is_some() {
+            return Err(Error::input("the model has LoRA adapters already"));
+        }
+        if rank == 0 || !(alpha.is_finite() && alpha > 0.0) {
+            return Err(Error::input(format!("LoRA rank {rank} and alpha {alpha} must be positive")));
+        }
+        let device = self.device();
+        let r = rank as i64;
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let weights = [
+                &layer.q_proj,
+                &layer.k_proj,
+                &layer.v_proj,
+                &layer.o_proj,
+                &layer.gate_proj,
+                &layer.up_proj,
+                &layer.down_proj,
+            ];
+            let mut adapters = Vec::with_capacity(7);
+            for (infix, w) in LORA_PROJECTIONS.iter().zip(weights) {
+                let (out, inp) = (w.size()[0], w.size()[1]);
+                let bound = 1.0 / (inp as f64).sqrt();
+                let a = Tensor::empty([r, inp], (Kind::Float, device)).uniform_(-bound, bound);
+                let b = Tensor::zeros([out, r], (Kind::Float, device));
+                let stem = format!("model.layers.{l}.{infix}");
+                adapters.push(Adapter {
+                    a: register(&self.vs, &format!("{stem}.lora_A.weight"), a),
+                    b: register(&self.vs, &format!("{stem}.lora_B.weight"), b),
+                });
+            }
+            layer.lora = Some(adapters);
+        }
+        self.lora = Some(LoraSpec { rank, alpha });
+        debug!(rank, alpha, "added lora adapters");
+        Ok(())
+    }
+
+    /// The adapters' rank and alpha, when the model has adapters.
+    pub fn lora(&self) -> Option<LoraSpec> {
+        self.lora
+    }
+
     /// Allocates a cache for `batch` sequences of up to `capacity` positions in total.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
         KvCache::new(&self.config, self.device(), batch, capacity)
@@ -443,29 +654,15 @@ impl Llama {
         causal: bool,
         mut cache: Option<&mut KvCache>,
     ) -> Tensor {
-        let c = &self.config;
-        let (b, t) = (x.size()[0], x.size()[1]);
-        let (nh, nkv, hd) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim as i64);
         let (cos, sin) = self.rotary(positions);
-        let eps = c.rms_norm_eps;
+        let eps = self.config.rms_norm_eps;
         let start = cache.as_ref().map_or(0, |k| k.len);
         for (l, layer) in self.layers.iter().enumerate() {
-            let training = layer.training();
             let h = rms_norm(&x, &layer.input_layernorm, eps);
-            // q, k, v as [B, T, heads, head_dim]; rotary on q and k (adjacent heads when fused).
-            let (q, k, v) = if training {
-                let q = h.linear::<Tensor>(&layer.q_proj, None).view([b, t, nh, hd]);
-                let k = h.linear::<Tensor>(&layer.k_proj, None).view([b, t, nkv, hd]);
-                let v = h.linear::<Tensor>(&layer.v_proj, None).view([b, t, nkv, hd]);
-                (apply_rotary(&q, &cos, &sin), apply_rotary(&k, &cos, &sin), v)
-            } else {
-                let qkv = h.linear::<Tensor>(&layer.qkv, None).view([b, t, nh + 2 * nkv, hd]);
-                let qk = apply_rotary(&qkv.narrow(2, 0, nh + nkv), &cos, &sin);
-                (qk.narrow(2, 0, nh), qk.narrow(2, nh, nkv), qkv.narrow(2, nh + nkv, nkv))
-            };
-            let (q, k, v) = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
+            let (q, k, v) = self.qkv(layer, &h, &cos, &sin);
             let (k, v) = match cache.as_deref_mut() {
                 Some(cache) => {
+                    let t = k.size()[2];
                     let end = start + t;
                     cache.keys[l].narrow(2, start, t).copy_(&k);
                     cache.values[l].narrow(2, start, t).copy_(&v);
@@ -473,29 +670,76 @@ impl Llama {
                 }
                 None => (k, v),
             };
-            // libtorch's CPU flash kernel has no grouped-query support: with `enable_gqa` it falls
-            // back to the unfused math path. Repeating the KV heads (as HF does on CPU) is cheaper.
-            let gqa_kernel = nkv != nh && self.device().is_cuda();
-            let (k, v) = if nkv != nh && !gqa_kernel {
-                (repeat_kv(&k, nh / nkv), repeat_kv(&v, nh / nkv))
-            } else {
-                (k, v)
-            };
-            let attn = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, gqa_kernel);
-            let attn = attn.transpose(1, 2).reshape([b, t, nh * hd]);
+            let attn = self.attend(&q, &k, &v, mask, causal);
             // Out of place on purpose: rms_norm saved `x` for backward, so `+=` would break training.
-            x = &x + attn.linear::<Tensor>(&layer.o_proj, None);
-            let h = rms_norm(&x, &layer.post_attention_layernorm, eps);
-            let inner = if training {
-                h.linear::<Tensor>(&layer.gate_proj, None).silu() * h.linear::<Tensor>(&layer.up_proj, None)
-            } else {
-                let gate_up = h.linear::<Tensor>(&layer.gate_up, None);
-                let i = gate_up.size()[2] / 2;
-                gate_up.narrow(2, 0, i).silu() * gate_up.narrow(2, i, i)
-            };
-            x = &x + inner.linear::<Tensor>(&layer.down_proj, None);
+            x = &x + self.project(layer, O, &layer.o_proj, &attn);
+            x = self.mlp(layer, x);
         }
         rms_norm(&x, &self.norm, eps)
+    }
+
+    /// `h` through one projection, plus its adapter when the layer has adapters.
+    fn project(&self, layer: &Layer, which: usize, weight: &Tensor, h: &Tensor) -> Tensor {
+        let y = h.linear::<Tensor>(weight, None);
+        match (&layer.lora, &self.lora) {
+            (Some(adapters), Some(spec)) => {
+                let a = &adapters[which];
+                let scale = spec.alpha / spec.rank as f64;
+                y + h.linear::<Tensor>(&a.a, None).linear::<Tensor>(&a.b, None) * scale
+            }
+            _ => y,
+        }
+    }
+
+    /// Queries, keys and values of normed `h` `[B, T, hidden]`, each `[B, heads, T, head_dim]`,
+    /// rotary applied to queries and keys.
+    fn qkv(&self, layer: &Layer, h: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let c = &self.config;
+        let (b, t) = (h.size()[0], h.size()[1]);
+        let (nh, nkv, hd) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim as i64);
+        // q, k, v as [B, T, heads, head_dim]; rotary on q and k (adjacent heads when fused).
+        let (q, k, v) = if layer.unfused() {
+            let q = self.project(layer, Q, &layer.q_proj, h).view([b, t, nh, hd]);
+            let k = self.project(layer, K, &layer.k_proj, h).view([b, t, nkv, hd]);
+            let v = self.project(layer, V, &layer.v_proj, h).view([b, t, nkv, hd]);
+            (apply_rotary(&q, cos, sin), apply_rotary(&k, cos, sin), v)
+        } else {
+            let qkv = h.linear::<Tensor>(&layer.qkv, None).view([b, t, nh + 2 * nkv, hd]);
+            let qk = apply_rotary(&qkv.narrow(2, 0, nh + nkv), cos, sin);
+            (qk.narrow(2, 0, nh), qk.narrow(2, nh, nkv), qkv.narrow(2, nh + nkv, nkv))
+        };
+        (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    }
+
+    /// Attention of `q` `[B, heads, T, d]` over `k`, `v` `[B, kv_heads, S, d]`, as `[B, T, hidden]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool) -> Tensor {
+        let c = &self.config;
+        let (b, t) = (q.size()[0], q.size()[2]);
+        let (nh, nkv, hd) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim as i64);
+        // libtorch's CPU flash kernel has no grouped-query support: with `enable_gqa` it falls
+        // back to the unfused math path. Repeating the KV heads (as HF does on CPU) is cheaper.
+        let gqa_kernel = nkv != nh && self.device().is_cuda();
+        let (k, v) = if nkv != nh && !gqa_kernel {
+            (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv))
+        } else {
+            (k.shallow_clone(), v.shallow_clone())
+        };
+        let attn = Tensor::scaled_dot_product_attention(q, &k, &v, mask, 0.0, causal, None, gqa_kernel);
+        attn.transpose(1, 2).reshape([b, t, nh * hd])
+    }
+
+    /// The MLP half of a block: `x + down(silu(gate(norm x)) · up(norm x))`.
+    fn mlp(&self, layer: &Layer, x: Tensor) -> Tensor {
+        let h = rms_norm(&x, &layer.post_attention_layernorm, self.config.rms_norm_eps);
+        let inner = if layer.unfused() {
+            self.project(layer, GATE, &layer.gate_proj, &h).silu()
+                * self.project(layer, UP, &layer.up_proj, &h)
+        } else {
+            let gate_up = h.linear::<Tensor>(&layer.gate_up, None);
+            let i = gate_up.size()[2] / 2;
+            gate_up.narrow(2, 0, i).silu() * gate_up.narrow(2, i, i)
+        };
+        &x + self.project(layer, DOWN, &layer.down_proj, &inner)
     }
 
     /// `cos` and `sin` of the rotary angles for `positions` `[B, T]`, each `[B, T, 1, head_dim]`
@@ -852,6 +1096,71 @@ mod tests {
         let separate = tch::no_grad(|| model.forward(&ids, None).unwrap());
         // Fused and separate GEMMs may round differently; logits here are O(10).
         assert!(max_diff(&fused, &separate) < 1e-4);
+    }
+
+    #[test]
+    fn run_span_with_a_shared_prefix_equals_the_full_forward() {
+        let model = tiny(8);
+        let prefix: [i64; 3] = [3, 4, 5];
+        let rows: [&[i64]; 2] = [&[6, 7, 8, 9], &[10, 11]];
+        let ids = Tensor::from_slice(&[6i64, 7, 8, 9, 10, 11, 0, 0]).view([2, 4]);
+        let x = model.embed(&ids).unwrap();
+        let p = model.embed(&Tensor::from_slice(&prefix).view([1, 3])).unwrap();
+        let (_, whole) = tch::no_grad(|| model.run_span(Some(&p), &x, 0..2)).unwrap();
+        // Two spans, as the trainer's activation cache splits them, give the same stream.
+        let (mid_p, mid_x) = tch::no_grad(|| model.run_span(Some(&p), &x, 0..1)).unwrap();
+        let (_, split) = tch::no_grad(|| model.run_span(mid_p.as_ref(), &mid_x, 1..2)).unwrap();
+        assert!(max_diff(&whole, &split) < 1e-6);
+        let logits = model.logits(&model.final_norm(&whole));
+        for (r, row) in rows.iter().enumerate() {
+            let full: Vec<i64> = prefix.iter().chain(row.iter()).copied().collect();
+            let reference =
+                tch::no_grad(|| model.forward(&Tensor::from_slice(&full).view([1, -1]), None).unwrap());
+            let n = row.len() as i64;
+            let got = logits.get(r as i64).narrow(0, 0, n);
+            assert!(max_diff(&got, &reference.get(0).narrow(0, 3, n)) < 1e-4, "row {r}");
+        }
+        // Without a prefix it is the plain causal forward.
+        let (_, alone) = tch::no_grad(|| model.run_span(None, &x.narrow(0, 0, 1), 0..2)).unwrap();
+        let reference = tch::no_grad(|| model.forward(&ids.narrow(0, 0, 1), None).unwrap());
+        assert!(max_diff(&model.logits(&model.final_norm(&alone)), &reference) < 1e-4);
+        assert!(model.run_span(None, &x, 0..3).is_err());
+        assert!(model.run_span(Some(&x), &x, 0..2).is_err());
+    }
+
+    #[test]
+    fn lora_adapters_start_neutral_and_equal_their_merged_weights() {
+        let mut model = tiny(9);
+        let ids = Tensor::from_slice(&[4i64, 8, 15, 16, 23, 42]).view([1, 6]);
+        let before = tch::no_grad(|| model.forward(&ids, None).unwrap());
+        model.add_lora(2, 4.0).unwrap();
+        assert!(model.add_lora(2, 4.0).is_err());
+        assert_eq!(model.lora(), Some(LoraSpec { rank: 2, alpha: 4.0 }));
+        let adapters: Vec<(String, Tensor)> =
+            model.named_tensors().into_iter().filter(|(n, _)| n.contains(".lora_")).collect();
+        assert_eq!(adapters.len(), 2 * 7 * 2);
+        // Adapters switch to the separate projections, which may round differently from the fused.
+        assert!(max_diff(&before, &tch::no_grad(|| model.forward(&ids, None).unwrap())) < 1e-4);
+        for (name, t) in &adapters {
+            if name.ends_with("lora_B.weight") {
+                tch::no_grad(|| {
+                    t.shallow_clone().copy_(&(Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.3))
+                });
+            }
+        }
+        let adapted = tch::no_grad(|| model.forward(&ids, None).unwrap());
+        assert!(max_diff(&before, &adapted) > 1e-3);
+        let all: std::collections::HashMap<String, Tensor> = model.named_tensors().into_iter().collect();
+        let merged = Llama::from_fetch(model.config().clone(), Device::Cpu, |name, _| {
+            let w = all[name].detach().copy();
+            let stem = name.trim_end_matches(".weight");
+            Ok(match (all.get(&format!("{stem}.lora_A.weight")), all.get(&format!("{stem}.lora_B.weight"))) {
+                (Some(a), Some(b)) => w + b.matmul(a) * 2.0,
+                _ => w,
+            })
+        })
+        .unwrap();
+        assert!(max_diff(&adapted, &tch::no_grad(|| merged.forward(&ids, None).unwrap())) < 1e-4);
     }
 
     #[test]

@@ -1,0 +1,198 @@
+//! Held-out evaluation the way the agent decides: every label's answer is scored after the
+//! prompt ([`Llama::score`] over the shared prefix), the decision is the best score, and the
+//! confidence is the softmax over the label scores.
+//!
+//! Reported: accuracy, per-label precision / recall / F1, the confusion matrix (rows are the
+//! true labels, columns the decisions) and the expected calibration error (10 equal-width
+//! confidence bins, `Σ |bin| / n · |accuracy(bin) − confidence(bin)|`).
+
+use llmchain_model::{Llama, prompt::softmax};
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, train::TokenSet};
+
+/// Scores of one label.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelMetrics {
+    /// The label.
+    pub label: String,
+    /// Share of the decisions for this label that were right.
+    pub precision: f64,
+    /// Share of this label's examples decided right.
+    pub recall: f64,
+    /// Harmonic mean of precision and recall.
+    pub f1: f64,
+    /// Examples with this true label.
+    pub support: u64,
+}
+
+/// The metrics of one model on one held-out set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// Examples evaluated.
+    pub examples: usize,
+    /// Share decided right.
+    pub accuracy: f64,
+    /// Mean per-label F1.
+    pub macro_f1: f64,
+    /// Expected calibration error (10 bins).
+    pub ece: f64,
+    /// Mean confidence of the decisions.
+    pub mean_confidence: f64,
+    /// Per label, in scoring order.
+    pub per_label: Vec<LabelMetrics>,
+    /// `confusion[true][decided]`.
+    pub confusion: Vec<Vec<u64>>,
+    /// Labels in scoring order.
+    pub labels: Vec<String>,
+    /// Seconds the scoring took.
+    pub seconds: f64,
+}
+
+/// Per-example label probabilities (softmax over the label scores) of `data` under `model`,
+/// `batch` prompts per forward pass.
+pub fn probabilities(model: &Llama, data: &TokenSet, batch: usize) -> Result<Vec<Vec<f64>>> {
+    let prefix = if data.prefix.is_empty() { None } else { Some(model.prefix(&data.prefix)?) };
+    let mut out = Vec::with_capacity(data.examples.len());
+    for chunk in data.examples.chunks(batch.max(1)) {
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.ids.clone()).collect();
+        let scores = model.score(prefix.as_ref(), &prompts, &data.candidates)?;
+        out.extend(scores.iter().map(|row| softmax(row)));
+    }
+    Ok(out)
+}
+
+/// Evaluates `model` on `data` (see the module docs).
+pub fn evaluate(model: &Llama, data: &TokenSet, labels: &[String]) -> Result<EvalReport> {
+    let t0 = std::time::Instant::now();
+    let probs = probabilities(model, data, 16)?;
+    let truth: Vec<usize> = data.examples.iter().map(|e| e.label).collect();
+    let mut report = metrics(&probs, &truth, labels);
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The metrics of probabilities `probs` against true label indices `truth`.
+pub fn metrics(probs: &[Vec<f64>], truth: &[usize], labels: &[String]) -> EvalReport {
+    let k = labels.len();
+    let n = probs.len();
+    let mut confusion = vec![vec![0u64; k]; k];
+    let mut bins = [(0u64, 0.0f64, 0.0f64); 10]; // count, correct, confidence sum
+    let mut confidence_sum = 0.0;
+    for (p, &t) in probs.iter().zip(truth) {
+        let (decided, conf) = p
+            .iter()
+            .copied()
+            .enumerate()
+            .fold((0, f64::MIN), |best, (i, v)| if v > best.1 { (i, v) } else { best });
+        confusion[t][decided] += 1;
+        let bin = ((conf * 10.0) as usize).min(9);
+        bins[bin].0 += 1;
+        bins[bin].1 += f64::from(u8::from(decided == t));
+        bins[bin].2 += conf;
+        confidence_sum += conf;
+    }
+    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let per_label: Vec<LabelMetrics> = (0..k)
+        .map(|i| {
+            let tp = confusion[i][i];
+            let decided: u64 = confusion.iter().map(|row| row[i]).sum();
+            let support: u64 = confusion[i].iter().sum();
+            let (precision, recall) = (ratio(tp, decided), ratio(tp, support));
+            let f1 =
+                if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 };
+            LabelMetrics { label: labels[i].clone(), precision, recall, f1, support }
+        })
+        .collect();
+    let correct: u64 = (0..k).map(|i| confusion[i][i]).sum();
+    let ece = bins
+        .iter()
+        .filter(|b| b.0 > 0)
+        .map(|&(count, right, conf)| {
+            count as f64 / n.max(1) as f64 * (right / count as f64 - conf / count as f64).abs()
+        })
+        .sum();
+    EvalReport {
+        examples: n,
+        accuracy: ratio(correct, n as u64),
+        macro_f1: per_label.iter().map(|l| l.f1).sum::<f64>() / k.max(1) as f64,
+        ece,
+        mean_confidence: confidence_sum / n.max(1) as f64,
+        per_label,
+        confusion,
+        labels: labels.to_vec(),
+        seconds: 0.0,
+    }
+}
+
+impl EvalReport {
+    /// A short text table: headline figures, per-label scores and the confusion matrix.
+    pub fn table(&self, title: &str) -> String {
+        let mut out = format!(
+            "{title}: {} examples, accuracy {:.2}%, macro F1 {:.3}, ECE {:.3}, mean confidence {:.3} ({:.0} s)\n",
+            self.examples,
+            100.0 * self.accuracy,
+            self.macro_f1,
+            self.ece,
+            self.mean_confidence,
+            self.seconds
+        );
+        out.push_str(&format!(
+            "  {:<10} {:>9} {:>9} {:>9} {:>8}\n",
+            "label", "precision", "recall", "f1", "support"
+        ));
+        for l in &self.per_label {
+            out.push_str(&format!(
+                "  {:<10} {:>9.3} {:>9.3} {:>9.3} {:>8}\n",
+                l.label, l.precision, l.recall, l.f1, l.support
+            ));
+        }
+        out.push_str(&format!("  {:<10}", "true\\said"));
+        for l in &self.labels {
+            out.push_str(&format!(" {:>9}", l));
+        }
+        out.push('\n');
+        for (l, row) in self.labels.iter().zip(&self.confusion) {
+            out.push_str(&format!("  {:<10}", l));
+            for c in row {
+                out.push_str(&format!(" {c:>9}"));
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// The headline figures as manifest metrics, names prefixed with `prefix`.
+    pub fn manifest_metrics(&self, prefix: &str) -> Vec<llmchain_artifact::Metric> {
+        let mut m = vec![
+            (format!("{prefix}accuracy"), self.accuracy),
+            (format!("{prefix}macro_f1"), self.macro_f1),
+            (format!("{prefix}ece"), self.ece),
+        ];
+        for l in &self.per_label {
+            m.push((format!("{prefix}f1_{}", l.label), l.f1));
+        }
+        m.into_iter().map(|(name, value)| llmchain_artifact::Metric { name, value }).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_of_a_known_confusion() {
+        let labels = vec!["a".to_string(), "b".to_string()];
+        let probs = vec![vec![0.9, 0.1], vec![0.8, 0.2], vec![0.3, 0.7], vec![0.6, 0.4]];
+        let truth = vec![0, 0, 1, 1];
+        let r = metrics(&probs, &truth, &labels);
+        assert_eq!(r.confusion, vec![vec![2, 0], vec![1, 1]]);
+        assert!((r.accuracy - 0.75).abs() < 1e-12);
+        assert!((r.per_label[0].precision - 2.0 / 3.0).abs() < 1e-12);
+        assert!((r.per_label[1].recall - 0.5).abs() < 1e-12);
+        // Bins: 0.9 (right), 0.8 (right), 0.7 (right), 0.6 (wrong).
+        let ece = 0.25 * (0.1 + 0.2 + 0.3 + 0.6);
+        assert!((r.ece - ece).abs() < 1e-9, "{}", r.ece);
+        assert!(r.table("t").contains("accuracy 75.00%"));
+    }
+}

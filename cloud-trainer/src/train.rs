@@ -1,0 +1,683 @@
+//! Fine-tuning a [`Llama`] to answer with a label: AdamW, linear warm-up then cosine decay,
+//! global gradient-norm clipping, a seeded data order, atomic checkpoints and resume.
+//!
+//! Every example is `prefix ++ record ids ++ label tokens` (the prompt layout of
+//! [`llmchain_model::prompt::ClassifierPrompt`]); the loss is the cross-entropy of the label's
+//! tokens only, and logits are computed only at the positions that predict them (the output
+//! head is a 49,152-wide matrix: computing it for every position would cost a quarter of the
+//! forward pass). The shared prefix (the system message, about half of every sequence) runs
+//! once per step, batch 1, and every row attends to its keys and values
+//! ([`Llama::run_span`]).
+//!
+//! Modes ([`Mode`]):
+//! - `last-layers:N` trains the last N blocks and the final norm. The trunk below them does not
+//!   change, so with the activation cache (default) the residual stream entering block `L-N` is
+//!   computed once per example, before the first step, and every epoch then runs only the top N
+//!   blocks: per epoch that saves the trunk's forward pass, `(L-N)/L` of the model (28 of 30
+//!   blocks for SmolLM2), at the price of `tokens × hidden × 4` bytes of memory (~0.3 MB per
+//!   example).
+//! - `lora:R` adds rank-R adapters to q, k, v, o, gate, up and down of every block and trains
+//!   only those; the base tensors keep their bytes, so a version's delta is the adapters.
+//! - `full` trains every tensor.
+//!
+//! Determinism: the data order of epoch `e` is a function of `(seed, e)`, the adapters'
+//! initialisation of the seed, and a checkpoint holds the trainable tensors, the AdamW moments,
+//! the step and the loss history, so an interrupted run resumed from its last checkpoint
+//! continues exactly as if it had not stopped.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Instant,
+};
+
+use llmchain_model::{Llama, SaveDtype};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+use tracing::info;
+
+use crate::{Error, Result};
+
+/// What to train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The last N blocks and the final norm.
+    LastLayers(usize),
+    /// Rank-R LoRA adapters on every projection.
+    Lora(usize),
+    /// Every tensor.
+    Full,
+}
+
+impl FromStr for Mode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::Invalid(format!("mode {s:?} is not last-layers:N, lora:R or full"));
+        let number = |v: &str| v.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(bad);
+        match s.split_once(':') {
+            Some(("last-layers", n)) => Ok(Mode::LastLayers(number(n)?)),
+            Some(("lora", r)) => Ok(Mode::Lora(number(r)?)),
+            None if s == "full" => Ok(Mode::Full),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Mode::LastLayers(n) => write!(f, "last-layers:{n}"),
+            Mode::Lora(r) => write!(f, "lora:{r}"),
+            Mode::Full => f.write_str("full"),
+        }
+    }
+}
+
+/// One example as token ids: the part after the shared prefix, and its label's index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenExample {
+    /// Prompt ids after the prefix (the user turn and the opened assistant turn); not empty.
+    pub ids: Vec<u32>,
+    /// Index into [`TokenSet::candidates`].
+    pub label: usize,
+}
+
+/// A tokenised data set: the shared prefix, the candidate answers, and the examples.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSet {
+    /// Prompt ids every example starts with (may be empty).
+    pub prefix: Vec<u32>,
+    /// Token ids of each label's answer.
+    pub candidates: Vec<Vec<u32>>,
+    /// The examples.
+    pub examples: Vec<TokenExample>,
+}
+
+impl TokenSet {
+    /// Checks that every example has ids and a valid label and every candidate has tokens.
+    pub fn validate(&self) -> Result<()> {
+        if self.candidates.is_empty() || self.candidates.iter().any(Vec::is_empty) {
+            return Err(Error::Invalid("every label needs at least one token".into()));
+        }
+        if self.examples.is_empty() {
+            return Err(Error::Invalid("no examples".into()));
+        }
+        if let Some(e) = self.examples.iter().find(|e| e.ids.is_empty() || e.label >= self.candidates.len()) {
+            return Err(Error::Invalid(format!(
+                "example with {} ids and label {} is invalid",
+                e.ids.len(),
+                e.label
+            )));
+        }
+        Ok(())
+    }
+
+    /// Ids fed for example `i`: its prompt part and its answer without the last token.
+    fn input(&self, i: usize) -> Vec<u32> {
+        let e = &self.examples[i];
+        let answer = &self.candidates[e.label];
+        let mut ids = e.ids.clone();
+        ids.extend_from_slice(&answer[..answer.len() - 1]);
+        ids
+    }
+
+    /// Tokens of example `i` as a whole sequence (prefix, prompt, answer), for throughput.
+    fn sequence_len(&self, i: usize) -> usize {
+        let e = &self.examples[i];
+        self.prefix.len() + e.ids.len() + self.candidates[e.label].len()
+    }
+}
+
+/// Where and how often to checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointConfig {
+    /// Directory of the checkpoints (created if missing).
+    pub dir: PathBuf,
+    /// Steps between checkpoints.
+    pub every: usize,
+}
+
+/// Hyper-parameters of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// What to train.
+    pub mode: Mode,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Passes over the data.
+    pub epochs: usize,
+    /// Examples per step.
+    pub batch_size: usize,
+    /// Steps of linear warm-up before the cosine decay.
+    pub warmup_steps: usize,
+    /// AdamW decoupled weight decay (matrices only).
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub clip_norm: f64,
+    /// Seed of the data order (and, via [`prepare`], of the adapters).
+    pub seed: u64,
+    /// Compute the frozen trunk once (`last-layers` only).
+    pub activation_cache: bool,
+    /// Checkpointing, if any.
+    pub checkpoint: Option<CheckpointConfig>,
+    /// Stop after this many steps in total (the schedule still spans every epoch): how tests
+    /// and `--stop-after` simulate an interruption.
+    pub stop_after: Option<usize>,
+}
+
+impl TrainConfig {
+    /// Defaults that suit each mode on the task (see docs/training.md).
+    pub fn for_mode(mode: Mode) -> Self {
+        let lr = match mode {
+            Mode::LastLayers(_) => 1e-4,
+            Mode::Lora(_) => 1e-3,
+            Mode::Full => 2e-5,
+        };
+        TrainConfig {
+            mode,
+            lr,
+            epochs: 2,
+            batch_size: 16,
+            warmup_steps: 10,
+            weight_decay: 0.01,
+            clip_norm: 1.0,
+            seed: 0,
+            activation_cache: true,
+            checkpoint: None,
+            stop_after: None,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainReport {
+    /// Mean label-token loss of every step, from step 0.
+    pub losses: Vec<f32>,
+    /// Steps of the schedule.
+    pub total_steps: usize,
+    /// Steps done when the run returned.
+    pub steps_done: usize,
+    /// Step the run resumed from (0 when it started fresh).
+    pub resumed_from: usize,
+    /// Trainable tensors.
+    pub trainable_tensors: usize,
+    /// Trainable parameters.
+    pub trainable_params: u64,
+    /// Seconds spent computing the activation cache.
+    pub cache_seconds: f64,
+    /// Seconds of the training steps this run executed.
+    pub train_seconds: f64,
+    /// Sequence tokens (prefix, prompt and answer) of the steps this run executed.
+    pub train_tokens: u64,
+}
+
+impl TrainReport {
+    /// Training throughput of this run's steps, in sequence tokens per second.
+    pub fn tokens_per_second(&self) -> f64 {
+        self.train_tokens as f64 / self.train_seconds.max(1e-9)
+    }
+}
+
+/// Sets up `model` for `mode`: adds adapters for `lora` (alpha `lora_alpha`, default 2·R;
+/// initialised from `seed`) and marks exactly the tensors to train. Returns how many tensors
+/// are trainable.
+pub fn prepare(model: &mut Llama, mode: Mode, seed: u64, lora_alpha: Option<f64>) -> Result<usize> {
+    let layers = model.config().num_hidden_layers;
+    let count = match mode {
+        Mode::LastLayers(n) => {
+            if n > layers {
+                return Err(Error::Invalid(format!("last-layers:{n} of a model with {layers} blocks")));
+            }
+            let first = layers - n;
+            model.set_trainable(|name| {
+                name == "model.norm.weight"
+                    || name
+                        .strip_prefix("model.layers.")
+                        .and_then(|rest| rest.split('.').next())
+                        .and_then(|i| i.parse::<usize>().ok())
+                        .is_some_and(|i| i >= first)
+            })
+        }
+        Mode::Lora(rank) => {
+            if model.lora().is_none() {
+                tch::manual_seed(seed as i64);
+                model.add_lora(rank, lora_alpha.unwrap_or(2.0 * rank as f64))?;
+            } else if model.lora().map(|l| l.rank) != Some(rank) {
+                return Err(Error::Invalid(format!("the model has adapters of another rank than {rank}")));
+            }
+            model.set_trainable(|name| name.contains(".lora_"))
+        }
+        Mode::Full => model.set_trainable(|_| true),
+    };
+    Ok(count)
+}
+
+/// Rounds every trainable tensor to `dtype` in place, so the model in memory is the model a
+/// version stores (and evaluation measures what agents will run).
+pub fn round_trainable(model: &Llama, dtype: SaveDtype) {
+    let kind = match dtype {
+        SaveDtype::F32 => return,
+        SaveDtype::Bf16 => Kind::BFloat16,
+    };
+    tch::no_grad(|| {
+        for (_, t) in model.named_tensors() {
+            if t.requires_grad() {
+                let rounded = t.to_kind(kind).to_kind(Kind::Float);
+                t.shallow_clone().copy_(&rounded);
+            }
+        }
+    });
+}
+
+/// Fisher–Yates with SplitMix64: an order that depends on `seed` only (no crate upgrade can
+/// change it).
+pub fn shuffle<T>(items: &mut [T], seed: u64) {
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    for i in (1..items.len()).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
+}
+
+/// The learning rate of `step`: linear warm-up to `lr`, then cosine decay to zero at `total`.
+pub fn learning_rate(lr: f64, step: usize, warmup: usize, total: usize) -> f64 {
+    if step < warmup {
+        return lr * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1);
+    let progress = ((step - warmup) as f64 / span as f64).min(1.0);
+    lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// The frozen trunk's output for every example: the residual stream entering the first trained
+/// block, for the prefix (`[1, P, hidden]`) and each example (`[len, hidden]`).
+struct ActivationCache {
+    prefix: Option<Tensor>,
+    rows: Vec<Tensor>,
+}
+
+/// A trainable tensor and its AdamW moments.
+struct Slot {
+    name: String,
+    param: Tensor,
+    m: Tensor,
+    v: Tensor,
+    decay: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointMeta {
+    step: usize,
+    fingerprint: String,
+    losses: Vec<f32>,
+}
+
+/// Trains `model` (already [`prepare`]d) on `data`; resumes from `cfg.checkpoint` when it
+/// holds a checkpoint of the same run.
+pub fn train(model: &Llama, data: &TokenSet, cfg: &TrainConfig) -> Result<TrainReport> {
+    data.validate()?;
+    if cfg.batch_size == 0 || cfg.epochs == 0 {
+        return Err(Error::Invalid("batch size and epochs must be at least 1".into()));
+    }
+    let layers = model.config().num_hidden_layers;
+    let trunk_end = match cfg.mode {
+        Mode::LastLayers(n) => layers.saturating_sub(n),
+        _ => 0,
+    };
+    let mut slots: Vec<Slot> = model
+        .named_tensors()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(name, param)| Slot {
+            m: param.zeros_like(),
+            v: param.zeros_like(),
+            decay: param.dim() >= 2,
+            name,
+            param,
+        })
+        .collect();
+    if slots.is_empty() {
+        return Err(Error::Invalid("nothing is trainable; call prepare first".into()));
+    }
+    let n = data.examples.len();
+    let steps_per_epoch = n.div_ceil(cfg.batch_size);
+    let total = steps_per_epoch * cfg.epochs;
+    let fingerprint = format!(
+        "mode={} n={n} bs={} epochs={} lr={} seed={} tensors={}",
+        cfg.mode,
+        cfg.batch_size,
+        cfg.epochs,
+        cfg.lr,
+        cfg.seed,
+        slots.len()
+    );
+    let mut losses = Vec::new();
+    let mut start = 0;
+    if let Some(ck) = &cfg.checkpoint
+        && let Some(meta) = load_checkpoint(&ck.dir, &fingerprint, &mut slots)?
+    {
+        info!(step = meta.step, dir = %ck.dir.display(), "resuming from checkpoint");
+        start = meta.step;
+        losses = meta.losses;
+    }
+    let mut report = TrainReport {
+        losses: Vec::new(),
+        total_steps: total,
+        steps_done: start,
+        resumed_from: start,
+        trainable_tensors: slots.len(),
+        trainable_params: slots.iter().map(|s| s.param.numel() as u64).sum(),
+        cache_seconds: 0.0,
+        train_seconds: 0.0,
+        train_tokens: 0,
+    };
+    let end = cfg.stop_after.map_or(total, |s| s.min(total));
+    let cache = if trunk_end > 0 && cfg.activation_cache && start < end {
+        let t0 = Instant::now();
+        let cache = build_cache(model, data, trunk_end)?;
+        report.cache_seconds = t0.elapsed().as_secs_f64();
+        info!(examples = n, seconds = report.cache_seconds, "computed the frozen trunk's activations");
+        Some(cache)
+    } else {
+        None
+    };
+    let t0 = Instant::now();
+    let mut order: Vec<usize> = Vec::new();
+    let mut order_epoch = usize::MAX;
+    for step in start..end {
+        let epoch = step / steps_per_epoch;
+        if epoch != order_epoch {
+            order = (0..n).collect();
+            shuffle(&mut order, cfg.seed ^ (epoch as u64).wrapping_mul(0x2545_f491_4f6c_dd1d));
+            order_epoch = epoch;
+        }
+        let first = (step % steps_per_epoch) * cfg.batch_size;
+        let batch = &order[first..(first + cfg.batch_size).min(n)];
+        for s in &mut slots {
+            s.param.zero_grad();
+        }
+        let loss = batch_loss(model, data, batch, trunk_end, cache.as_ref())?;
+        loss.backward();
+        let lr = learning_rate(cfg.lr, step, cfg.warmup_steps, total);
+        adamw_step(&mut slots, step + 1, lr, cfg.weight_decay, cfg.clip_norm);
+        let value = loss.double_value(&[]) as f32;
+        if !value.is_finite() {
+            return Err(Error::Invalid(format!("loss is {value} at step {step}; lower the learning rate")));
+        }
+        losses.push(value);
+        report.train_tokens += batch.iter().map(|&i| data.sequence_len(i) as u64).sum::<u64>();
+        if step % 10 == 0 || step + 1 == end {
+            info!(step, total, loss = value, lr, "step");
+        }
+        if let Some(ck) = &cfg.checkpoint
+            && ck.every > 0
+            && (step + 1) % ck.every == 0
+        {
+            save_checkpoint(
+                &ck.dir,
+                &CheckpointMeta { step: step + 1, fingerprint: fingerprint.clone(), losses: losses.clone() },
+                &slots,
+            )?;
+        }
+    }
+    for s in &mut slots {
+        s.param.zero_grad();
+    }
+    report.train_seconds = t0.elapsed().as_secs_f64();
+    report.steps_done = end.max(start);
+    report.losses = losses;
+    Ok(report)
+}
+
+/// Right-padded `[B, T]` ids of `rows`, and `T`.
+fn pad_ids(rows: &[Vec<u32>]) -> (Tensor, i64) {
+    let t = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut flat = vec![0i64; rows.len() * t];
+    for (r, row) in rows.iter().enumerate() {
+        for (k, &id) in row.iter().enumerate() {
+            flat[r * t + k] = i64::from(id);
+        }
+    }
+    (Tensor::from_slice(&flat).view([rows.len() as i64, t as i64]), t as i64)
+}
+
+fn build_cache(model: &Llama, data: &TokenSet, trunk_end: usize) -> Result<ActivationCache> {
+    let _guard = tch::no_grad_guard();
+    let device = model.device();
+    let prefix_in = prefix_embedding(model, data)?;
+    let mut prefix = None;
+    let mut rows = Vec::with_capacity(data.examples.len());
+    // Similar lengths per batch waste less on padding; the cache is indexed by example.
+    let mut order: Vec<usize> = (0..data.examples.len()).collect();
+    order.sort_by_key(|&i| data.examples[i].ids.len());
+    let mut slots: Vec<Option<Tensor>> = (0..data.examples.len()).map(|_| None).collect();
+    for chunk in order.chunks(16) {
+        let inputs: Vec<Vec<u32>> = chunk.iter().map(|&i| data.input(i)).collect();
+        let (ids, _) = pad_ids(&inputs);
+        let x = model.embed(&ids.to_device(device))?;
+        let (p, out) = model.run_span(prefix_in.as_ref(), &x, 0..trunk_end)?;
+        if prefix.is_none() {
+            prefix = p;
+        }
+        for (r, (&i, input)) in chunk.iter().zip(&inputs).enumerate() {
+            slots[i] = Some(out.get(r as i64).narrow(0, 0, input.len() as i64).copy());
+        }
+    }
+    rows.extend(slots.into_iter().map(|s| s.expect("every example cached")));
+    Ok(ActivationCache { prefix, rows })
+}
+
+fn prefix_embedding(model: &Llama, data: &TokenSet) -> Result<Option<Tensor>> {
+    if data.prefix.is_empty() {
+        return Ok(None);
+    }
+    let ids: Vec<i64> = data.prefix.iter().map(|&i| i64::from(i)).collect();
+    Ok(Some(model.embed(&Tensor::from_slice(&ids).view([1, -1]))?))
+}
+
+/// Mean cross-entropy of the answer tokens of `batch`.
+fn batch_loss(
+    model: &Llama,
+    data: &TokenSet,
+    batch: &[usize],
+    trunk_end: usize,
+    cache: Option<&ActivationCache>,
+) -> Result<Tensor> {
+    let device = model.device();
+    let layers = model.config().num_hidden_layers;
+    let inputs: Vec<Vec<u32>> = batch.iter().map(|&i| data.input(i)).collect();
+    let t = inputs.iter().map(Vec::len).max().unwrap_or(0) as i64;
+    let (prefix, x) = match cache {
+        Some(cache) => {
+            let h = model.config().hidden_size as i64;
+            let x = Tensor::zeros([batch.len() as i64, t, h], (Kind::Float, device));
+            for (r, &i) in batch.iter().enumerate() {
+                let row = &cache.rows[i];
+                x.get(r as i64).narrow(0, 0, row.size()[0]).copy_(row);
+            }
+            (cache.prefix.as_ref().map(Tensor::shallow_clone), x)
+        }
+        None => {
+            let (ids, _) = pad_ids(&inputs);
+            let x = model.embed(&ids.to_device(device))?;
+            let prefix = prefix_embedding(model, data)?;
+            if trunk_end > 0 {
+                let (p, x) = tch::no_grad(|| model.run_span(prefix.as_ref(), &x, 0..trunk_end))?;
+                (p, x)
+            } else {
+                (prefix, x)
+            }
+        }
+    };
+    let (_, out) = model.run_span(prefix.as_ref(), &x, trunk_end..layers)?;
+    let (mut slots, mut targets) = (Vec::new(), Vec::new());
+    for (r, &i) in batch.iter().enumerate() {
+        let e = &data.examples[i];
+        for (j, &token) in data.candidates[e.label].iter().enumerate() {
+            slots.push(r as i64 * t + (e.ids.len() - 1 + j) as i64);
+            targets.push(i64::from(token));
+        }
+    }
+    let hidden = out.view([-1, out.size()[2]]).index_select(0, &Tensor::from_slice(&slots).to_device(device));
+    let logits = model.logits(&model.final_norm(&hidden));
+    Ok(logits.cross_entropy_for_logits(&Tensor::from_slice(&targets).to_device(device)))
+}
+
+/// One AdamW update (β = 0.9, 0.999; ε = 1e-8) after clipping the global gradient norm.
+fn adamw_step(slots: &mut [Slot], t: usize, lr: f64, weight_decay: f64, clip_norm: f64) {
+    let _guard = tch::no_grad_guard();
+    let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
+    let grads: Vec<Option<Tensor>> = slots
+        .iter()
+        .map(|s| {
+            let g = s.param.grad();
+            g.defined().then_some(g)
+        })
+        .collect();
+    let norm =
+        grads.iter().flatten().map(|g| g.square().sum(Kind::Float).double_value(&[])).sum::<f64>().sqrt();
+    let scale = if clip_norm > 0.0 && norm > clip_norm { clip_norm / (norm + 1e-6) } else { 1.0 };
+    let (c1, c2) = (1.0 - b1.powi(t as i32), 1.0 - b2.powi(t as i32));
+    for (s, g) in slots.iter_mut().zip(grads) {
+        let Some(g) = g else { continue };
+        let g = if scale < 1.0 { g * scale } else { g };
+        let _ = s.m.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
+        let _ = s.v.g_mul_scalar_(b2).g_add_(&(g.square() * (1.0 - b2)));
+        let mut p = s.param.shallow_clone();
+        if s.decay && weight_decay > 0.0 {
+            let _ = p.g_mul_scalar_(1.0 - lr * weight_decay);
+        }
+        let update = (&s.m / c1) / ((&s.v / c2).sqrt() + eps) * lr;
+        let _ = p.g_sub_(&update);
+    }
+}
+
+const LATEST: &str = "LATEST";
+
+fn io_err(what: &str, path: &Path, e: impl fmt::Display) -> Error {
+    Error::Invalid(format!("{what} {}: {e}", path.display()))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, synced, renamed.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| io_err("cannot write", &tmp, e))?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| io_err("cannot sync", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io_err("cannot rename to", path, e))
+}
+
+/// Saves a checkpoint: tensors and metadata under step-named files (each written atomically),
+/// then the `LATEST` pointer (atomically), then older checkpoints are removed. A crash at any
+/// point leaves `LATEST` naming a complete checkpoint.
+fn save_checkpoint(dir: &Path, meta: &CheckpointMeta, slots: &[Slot]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
+    let stem = format!("step-{:08}", meta.step);
+    let tensors: Vec<(String, Tensor)> = slots
+        .iter()
+        .flat_map(|s| {
+            [
+                (format!("param/{}", s.name), s.param.detach()),
+                (format!("m/{}", s.name), s.m.shallow_clone()),
+                (format!("v/{}", s.name), s.v.shallow_clone()),
+            ]
+        })
+        .map(|(n, t)| (n, t.to_device(tch::Device::Cpu)))
+        .collect();
+    let st = dir.join(format!("{stem}.safetensors"));
+    let tmp = dir.join(format!("{stem}.safetensors.tmp"));
+    Tensor::write_safetensors(&tensors, &tmp).map_err(|e| io_err("cannot write", &tmp, e))?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| io_err("cannot sync", &tmp, e))?;
+    std::fs::rename(&tmp, &st).map_err(|e| io_err("cannot rename to", &st, e))?;
+    let json = serde_json::to_vec(meta).map_err(|e| Error::Invalid(e.to_string()))?;
+    write_atomic(&dir.join(format!("{stem}.json")), &json)?;
+    write_atomic(&dir.join(LATEST), stem.as_bytes())?;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("step-") && !name.starts_with(&stem) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    info!(step = meta.step, dir = %dir.display(), "checkpoint saved");
+    Ok(())
+}
+
+/// Loads the checkpoint `LATEST` names into `slots`; `None` when there is none. A checkpoint
+/// of a different run (other fingerprint) is an error rather than silently mixed in.
+fn load_checkpoint(dir: &Path, fingerprint: &str, slots: &mut [Slot]) -> Result<Option<CheckpointMeta>> {
+    let Ok(stem) = std::fs::read_to_string(dir.join(LATEST)) else { return Ok(None) };
+    let stem = stem.trim();
+    let meta_path = dir.join(format!("{stem}.json"));
+    let meta: CheckpointMeta =
+        serde_json::from_slice(&std::fs::read(&meta_path).map_err(|e| io_err("cannot read", &meta_path, e))?)
+            .map_err(|e| io_err("cannot parse", &meta_path, e))?;
+    if meta.fingerprint != fingerprint {
+        return Err(Error::Invalid(format!(
+            "checkpoint in {} is of another run ({}), this run is {fingerprint}; use another --checkpoint-dir",
+            dir.display(),
+            meta.fingerprint
+        )));
+    }
+    let st = dir.join(format!("{stem}.safetensors"));
+    let tensors: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(&st).map_err(|e| io_err("cannot read", &st, e))?.into_iter().collect();
+    let _guard = tch::no_grad_guard();
+    for s in slots.iter_mut() {
+        for (prefix, dst) in [("param", &mut s.param), ("m", &mut s.m), ("v", &mut s.v)] {
+            let key = format!("{prefix}/{}", s.name);
+            let src = tensors
+                .get(&key)
+                .ok_or_else(|| io_err(&format!("{key} is missing from"), &st, "checkpoint"))?;
+            dst.copy_(src);
+        }
+    }
+    Ok(Some(meta))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse_and_print() {
+        for s in ["last-layers:2", "lora:8", "full"] {
+            assert_eq!(s.parse::<Mode>().unwrap().to_string(), s);
+        }
+        for s in ["last-layers:0", "lora", "lora:x", "half"] {
+            assert!(s.parse::<Mode>().is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_zero() {
+        assert!((learning_rate(1.0, 0, 4, 20) - 0.25).abs() < 1e-12);
+        assert!((learning_rate(1.0, 3, 4, 20) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(1.0, 4, 4, 20) - 1.0).abs() < 1e-12);
+        assert!(learning_rate(1.0, 12, 4, 20) < 1.0);
+        assert!(learning_rate(1.0, 20, 4, 20).abs() < 1e-12);
+    }
+
+    #[test]
+    fn shuffle_is_a_seeded_permutation() {
+        let mut a: Vec<usize> = (0..100).collect();
+        let mut b = a.clone();
+        shuffle(&mut a, 3);
+        shuffle(&mut b, 3);
+        assert_eq!(a, b);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+        shuffle(&mut b, 4);
+        assert_ne!(a, b);
+    }
+}
