@@ -75,8 +75,10 @@ impl LoadedModel {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        let prompts =
-            texts.iter().map(|t| self.prompt.record_ids(&self.tokenizer, t)).collect::<Result<Vec<_>, _>>()?;
+        let prompts = texts
+            .iter()
+            .map(|t| self.prompt.record_ids(&self.tokenizer, t))
+            .collect::<Result<Vec<_>, _>>()?;
         let scores = self.model.score(Some(&self.prefix), &prompts, self.prompt.candidates())?;
         Ok(scores.iter().map(|row| scored(row)).collect())
     }
@@ -144,7 +146,12 @@ impl Engine {
     pub fn swap(&self, model: LoadedModel) -> Option<ModelRef> {
         let id = model.id.clone();
         let serving = Arc::new(Serving { id: id.clone(), model: Mutex::new(model) });
-        let old = self.current.lock().unwrap_or_else(PoisonError::into_inner).replace(serving).map(|s| s.id.clone());
+        let old = self
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replace(serving)
+            .map(|s| s.id.clone());
         self.ready.send_replace(true);
         info!(version = %id, previous = ?old.as_ref().map(ToString::to_string), "model swapped in");
         old

@@ -38,7 +38,8 @@ impl ClassifierPrompt {
             instructions: instructions.to_string(),
             system,
             prefix,
-            candidates, labels: labels.iter().map(|l| l.to_string()).collect(),
+            candidates,
+            labels: labels.iter().map(|l| l.to_string()).collect(),
         })
     }
 
@@ -49,7 +50,8 @@ impl ClassifierPrompt {
 
     /// The tokens after the prefix for one record: the user turn and the opened assistant turn.
     pub fn record_ids(&self, tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-        let messages = [ChatMessage::new("system", self.instructions.as_str()), ChatMessage::new("user", text)];
+        let messages =
+            [ChatMessage::new("system", self.instructions.as_str()), ChatMessage::new("user", text)];
         let full = tokenizer.apply_chat_template(&messages, true);
         let rest = full.strip_prefix(self.system.as_str()).ok_or_else(|| {
             Error::Tokenizer("the chat template does not render the system turn as a prefix".into())

@@ -67,8 +67,9 @@ pub fn config_from_architecture(a: &Architecture) -> Result<LlamaConfig> {
 
 /// Reads blob `digest` completely, checking its size and hash.
 fn read_verified(source: &dyn BlobSource, what: &str, digest: &Digest, size: u64) -> Result<Vec<u8>> {
-    let mut reader =
-        source.open(digest).map_err(|e| Error::weights(what, format!("blob {digest} cannot be opened: {e}")))?;
+    let mut reader = source
+        .open(digest)
+        .map_err(|e| Error::weights(what, format!("blob {digest} cannot be opened: {e}")))?;
     let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
     reader
         .by_ref()
@@ -76,13 +77,19 @@ fn read_verified(source: &dyn BlobSource, what: &str, digest: &Digest, size: u64
         .read_to_end(&mut bytes)
         .map_err(|e| Error::weights(what, format!("blob {digest} cannot be read: {e}")))?;
     if bytes.len() as u64 != size {
-        return Err(Error::weights(what, format!("blob {digest} has {} bytes, the manifest says {size}", bytes.len())));
+        return Err(Error::weights(
+            what,
+            format!("blob {digest} has {} bytes, the manifest says {size}", bytes.len()),
+        ));
     }
     let mut hasher = Hasher::new();
     hasher.update(&bytes);
     let actual = hasher.finish();
     if actual != *digest {
-        return Err(Error::weights(what, format!("blob content hashes to {actual}, the manifest says {digest}")));
+        return Err(Error::weights(
+            what,
+            format!("blob content hashes to {actual}, the manifest says {digest}"),
+        ));
     }
     Ok(bytes)
 }
@@ -104,10 +111,17 @@ fn tensor_from_bytes(name: &str, bytes: &[u8], dtype: DType, shape: &[u64]) -> R
 
 /// Loads the model and tokenizer of `manifest` from `source` onto `device`, merging LoRA
 /// adapters into their projections.
-pub fn load_version(manifest: &Manifest, source: &dyn BlobSource, device: Device) -> Result<(Llama, Tokenizer)> {
+pub fn load_version(
+    manifest: &Manifest,
+    source: &dyn BlobSource,
+    device: Device,
+) -> Result<(Llama, Tokenizer)> {
     let config = config_from_architecture(&manifest.architecture)?;
     if manifest.tokenizer.kind != TOKENIZER_KIND {
-        return Err(Error::Tokenizer(format!("tokenizer kind {:?} is not {TOKENIZER_KIND:?}", manifest.tokenizer.kind)));
+        return Err(Error::Tokenizer(format!(
+            "tokenizer kind {:?} is not {TOKENIZER_KIND:?}",
+            manifest.tokenizer.kind
+        )));
     }
     let tok = read_verified(source, "tokenizer", &manifest.tokenizer.digest, manifest.tokenizer.size)?;
     let tokenizer = Tokenizer::from_json(

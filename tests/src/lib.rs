@@ -4,6 +4,10 @@
 //! builds them first with `cargo build --workspace --bins`); a missing one fails the test with
 //! that instruction rather than silently skipping.
 
+pub mod fleet;
+pub mod mosquitto;
+pub mod proxy;
+
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,

@@ -1,0 +1,537 @@
+//! `edge-agent run`: the agent's tasks and how they talk.
+//!
+//! ```text
+//!            ┌──────────── session (gRPC bidi, reconnects with backoff) ───────────┐
+//!  coordinator ── Assignment ──▶ assignments ──▶ sync (delta fetch) ──▶ load + self-test ──▶ Engine::swap
+//!            ◀── Hello / Heartbeat(status) / AssignmentResult ──────────────────────┘
+//!  sources ──▶ pipeline (batch, decide on a blocking thread, act) ──▶ spool ──▶ reporter ──▶ ReportSummaries
+//! ```
+//!
+//! Every task runs on its own: decisions go on while a version downloads or the link is down,
+//! heartbeats go on while the model is busy (inference runs on blocking threads), summaries
+//! wait in the on-disk spool until the coordinator acknowledges them. The running version is
+//! written to the state directory after each swap, so a restarted agent serves it again from
+//! its cache before it has talked to anyone.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, bail};
+use llmchain_artifact::TrustedKeys;
+use llmchain_proto::{
+    model::{MAX_SUMMARIES_PER_REPORT, ModelRef},
+    pb::{self, fleet_client::FleetClient},
+};
+use prost::Message;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tch::Device;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::{
+    engine::{Engine, LoadedModel},
+    pipeline::{self, Decider, PipelineConfig, Spool, Stats},
+    sync::{BlobCache, Syncer, SyncerConfig, spawn_progress_display},
+};
+
+/// Everything `edge-agent run` needs, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This agent's identity.
+    pub agent_id: String,
+    /// Labels reported to the coordinator (`site=…`, `kind=…`).
+    pub labels: Vec<(String, String)>,
+    /// Coordinator URL, `http://host:port`.
+    pub coordinator: String,
+    /// Blob and manifest cache.
+    pub cache_dir: PathBuf,
+    /// Spool and agent state.
+    pub state_dir: PathBuf,
+    /// Trainer keys manifests must be signed with.
+    pub trusted_keys: TrustedKeys,
+    /// Download rate limit in bytes per second.
+    pub max_download_rate: Option<u64>,
+    /// Versions kept in the cache per model (besides the running one).
+    pub keep_versions: usize,
+    /// How often pending summaries are sent.
+    pub report_interval: Duration,
+    /// Largest spool, in summaries; the oldest are dropped beyond it.
+    pub spool_max: usize,
+    /// Sources, batching, executors, summary windows.
+    pub pipeline: PipelineConfig,
+    /// Where the model runs.
+    pub device: Device,
+    /// First reconnect delay; doubles up to `max_backoff`, with jitter.
+    pub min_backoff: Duration,
+    /// Longest reconnect delay.
+    pub max_backoff: Duration,
+}
+
+/// The version this agent serves, kept across restarts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct RunningState {
+    model: String,
+    version: u64,
+}
+
+const STATE_FILE: &str = "running.json";
+
+/// Exponential backoff with full jitter.
+#[derive(Debug)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// A backoff starting at `min`, capped at `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff { min, max, attempt: 0 }
+    }
+
+    /// The next delay: uniform in `[d/2, d]` where `d = min · 2^attempt`, capped at `max`.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.min.saturating_mul(1u32 << self.attempt.min(16)).min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = d / 2;
+        half + rand::rng().random_range(Duration::ZERO..=half)
+    }
+
+    /// Back to the first delay (after a success).
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// What the agent reports about itself.
+#[derive(Default)]
+struct Status {
+    running: Option<ModelRef>,
+    pending: Option<ModelRef>,
+    last_error: String,
+}
+
+/// State shared by the agent's tasks.
+struct Agent {
+    settings: Settings,
+    engine: Arc<Engine>,
+    syncer: Syncer,
+    cache: BlobCache,
+    spool: Arc<Spool>,
+    stats: Arc<Stats>,
+    status: Mutex<Status>,
+    summary_bytes: AtomicU64,
+    reconnects: AtomicU64,
+    channel: Channel,
+}
+
+impl Agent {
+    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn running(&self) -> Option<ModelRef> {
+        self.status().running.clone()
+    }
+
+    fn pb_status(&self) -> pb::AgentStatus {
+        let status = self.status();
+        let progress = self.syncer.progress();
+        let (done, total) = match (&status.pending, &progress) {
+            (Some(p), Some(pr)) if &pr.target == p => (pr.done_bytes, pr.total_bytes),
+            _ => (0, 0),
+        };
+        pb::AgentStatus {
+            running: status.running.clone().map(Into::into),
+            pending: status.pending.clone().map(Into::into),
+            download_done_bytes: done,
+            download_total_bytes: total,
+            decisions_per_second: self.stats.decisions_per_second(),
+            raw_bytes: self.stats.raw_bytes(),
+            summary_bytes: self.summary_bytes.load(Ordering::Relaxed),
+            last_error: status.last_error.clone(),
+            spool_depth: self.spool.depth() as u64,
+        }
+    }
+
+    fn hello(&self) -> pb::AgentMessage {
+        pb::AgentMessage {
+            kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
+                agent_id: self.settings.agent_id.clone(),
+                labels: self
+                    .settings
+                    .labels
+                    .iter()
+                    .map(|(k, v)| pb::Label { key: k.clone(), value: v.clone() })
+                    .collect(),
+                status: Some(self.pb_status()),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+            })),
+        }
+    }
+
+    fn save_running(&self, id: &ModelRef) -> anyhow::Result<()> {
+        let state = RunningState { model: id.model.to_string(), version: id.version };
+        write_atomic(&self.settings.state_dir.join(STATE_FILE), &serde_json::to_vec(&state)?)
+    }
+}
+
+/// Writes `bytes` to `path` through a synced temporary file and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+fn read_running(state_dir: &Path) -> anyhow::Result<Option<ModelRef>> {
+    let path = state_dir.join(STATE_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let state: RunningState = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not valid agent state", path.display()))?;
+    let id = ModelRef::try_from(pb::ModelRef { model: state.model, version: state.version })
+        .with_context(|| format!("{} names an invalid version", path.display()))?;
+    Ok(Some(id))
+}
+
+/// Runs the agent until `cancel` fires.
+pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&settings.state_dir)
+        .with_context(|| format!("creating the state directory {}", settings.state_dir.display()))?;
+    let sync_config = SyncerConfig {
+        trusted_keys: settings.trusted_keys.clone(),
+        max_rate: settings.max_download_rate,
+        ..SyncerConfig::default()
+    };
+    // One HTTP/2 connection carries the session, the reports and the downloads.
+    let channel = Syncer::endpoint(&settings.coordinator, &sync_config)
+        .with_context(|| format!("coordinator URL {:?}", settings.coordinator))?
+        .connect_lazy();
+    let cache = BlobCache::open(&settings.cache_dir)
+        .with_context(|| format!("opening the model cache {}", settings.cache_dir.display()))?;
+    let syncer = Syncer::new(channel.clone(), cache.clone(), sync_config);
+    let _progress_display = spawn_progress_display(syncer.watch_progress());
+    let spool = Arc::new(
+        Spool::open(settings.state_dir.join("spool"), settings.spool_max)
+            .with_context(|| format!("opening the summary spool in {}", settings.state_dir.display()))?,
+    );
+    let agent = Arc::new(Agent {
+        engine: Arc::new(Engine::new()),
+        syncer,
+        cache,
+        spool,
+        stats: settings.pipeline.stats.clone(),
+        status: Mutex::new(Status::default()),
+        summary_bytes: AtomicU64::new(0),
+        reconnects: AtomicU64::new(0),
+        channel,
+        settings,
+    });
+
+    resume_running(&agent).await;
+
+    let (assign_tx, assign_rx) = mpsc::channel(16);
+    let (result_tx, result_rx) = mpsc::channel(64);
+    let tasks = vec![
+        tokio::spawn(session_loop(agent.clone(), assign_tx, result_rx, cancel.clone())),
+        tokio::spawn(assignment_loop(agent.clone(), assign_rx, result_tx, cancel.clone())),
+        tokio::spawn(report_loop(agent.clone(), cancel.clone())),
+    ];
+    // Records stay in their sources (files unread, MQTT messages with the broker) until a
+    // model can decide them.
+    let mut ready = agent.engine.ready();
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = ready.wait_for(|r| *r) => info!("a model is serving; opening the sources"),
+    }
+    let pipeline = pipeline::run_pipeline(
+        agent.settings.pipeline.clone(),
+        agent.engine.clone() as Arc<dyn Decider>,
+        agent.spool.clone(),
+        cancel.clone(),
+    )
+    .await;
+    // The sources ended (a finite file or simulator) or we were cancelled: flush what the
+    // spool holds before stopping, bounded, then stop the other tasks.
+    if !cancel.is_cancelled() {
+        let deadline =
+            tokio::time::Instant::now() + agent.settings.report_interval * 4 + Duration::from_secs(5);
+        while agent.spool.depth() > 0 && tokio::time::Instant::now() < deadline && !cancel.is_cancelled() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    cancel.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    pipeline.context("the decision pipeline")
+}
+
+/// Serves the version recorded in the state directory again, if it is still in the cache.
+async fn resume_running(agent: &Arc<Agent>) {
+    let id = match read_running(&agent.settings.state_dir) {
+        Ok(Some(id)) => id,
+        Ok(None) => return,
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "ignoring the saved running version");
+            return;
+        }
+    };
+    let a = agent.clone();
+    let loaded = tokio::task::spawn_blocking(move || -> anyhow::Result<LoadedModel> {
+        let version = a.cache.load_version(&id, &a.settings.trusted_keys)?;
+        let model = LoadedModel::load(&version.manifest, &version.blobs, a.settings.device)?;
+        model.self_test()?;
+        Ok(model)
+    })
+    .await;
+    match loaded {
+        Ok(Ok(model)) => {
+            let id = model.id().clone();
+            agent.engine.swap(model);
+            agent.status().running = Some(id.clone());
+            info!(version = %id, "serving the cached version from before the restart");
+        }
+        Ok(Err(e)) => {
+            warn!(error = %format!("{e:#}"), "the saved running version cannot be served; waiting for an assignment")
+        }
+        Err(e) => warn!(error = %e, "loading the saved version panicked"),
+    }
+}
+
+/// Holds the session to the coordinator, reconnecting with backoff, until cancelled.
+async fn session_loop(
+    agent: Arc<Agent>,
+    assign_tx: mpsc::Sender<pb::Assignment>,
+    mut results: mpsc::Receiver<pb::AssignmentResult>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Backoff::new(agent.settings.min_backoff, agent.settings.max_backoff);
+    loop {
+        let outcome = session_once(&agent, &assign_tx, &mut results, &cancel, &mut backoff).await;
+        if cancel.is_cancelled() {
+            return;
+        }
+        match outcome {
+            Ok(()) => info!("the coordinator closed the session"),
+            Err(e) => warn!(error = %format!("{e:#}"), "session to the coordinator failed"),
+        }
+        agent.reconnects.fetch_add(1, Ordering::Relaxed);
+        let delay = backoff.next_delay();
+        debug!(?delay, "reconnecting after");
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn session_once(
+    agent: &Arc<Agent>,
+    assign_tx: &mpsc::Sender<pb::Assignment>,
+    results: &mut mpsc::Receiver<pb::AssignmentResult>,
+    cancel: &CancellationToken,
+    backoff: &mut Backoff,
+) -> anyhow::Result<()> {
+    use pb::{agent_message::Kind as Up, coordinator_message::Kind as Down};
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(32);
+    tx.send(agent.hello()).await?;
+    let mut client = FleetClient::new(agent.channel.clone());
+    let mut inbound =
+        client.session(ReceiverStream::new(rx)).await.context("opening the session")?.into_inner();
+    let welcome = match inbound.message().await.context("waiting for the welcome")? {
+        Some(pb::CoordinatorMessage { kind: Some(Down::Welcome(w)) }) => w,
+        other => bail!("the coordinator answered the hello with {other:?} instead of a welcome"),
+    };
+    backoff.reset();
+    info!(session = %welcome.session_id, heartbeat_ms = welcome.heartbeat_interval_ms, "session open");
+    let period = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = ticker.tick() => {
+                seq += 1;
+                let hb = pb::Heartbeat { seq, sent_at: Some(SystemTime::now().into()), status: Some(agent.pb_status()) };
+                tx.send(pb::AgentMessage { kind: Some(Up::Heartbeat(hb)) }).await.context("sending a heartbeat")?;
+            }
+            Some(result) = results.recv() => {
+                tx.send(pb::AgentMessage { kind: Some(Up::Result(result)) }).await.context("sending a result")?;
+            }
+            msg = inbound.message() => match msg.context("reading the session")? {
+                Some(pb::CoordinatorMessage { kind: Some(Down::Assignment(a)) }) => {
+                    assign_tx.send(a).await.context("the assignment worker stopped")?;
+                }
+                Some(other) => debug!(?other, "ignoring a session message"),
+                None => return Ok(()),
+            },
+        }
+    }
+}
+
+/// Handles assignments one at a time, in order.
+async fn assignment_loop(
+    agent: Arc<Agent>,
+    mut assignments: mpsc::Receiver<pb::Assignment>,
+    results: mpsc::Sender<pb::AssignmentResult>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let a = tokio::select! {
+            _ = cancel.cancelled() => return,
+            a = assignments.recv() => match a { Some(a) => a, None => return },
+        };
+        let span = info_span!("assignment", id = %a.assignment_id, rollout = %a.rollout_id);
+        let (outcome, message) = handle_assignment(&agent, &a).instrument(span).await;
+        {
+            let mut status = agent.status();
+            status.pending = None;
+            if outcome != pb::AssignmentOutcome::Activated && outcome != pb::AssignmentOutcome::Prefetched {
+                status.last_error = message.clone();
+            }
+        }
+        let result = pb::AssignmentResult {
+            assignment_id: a.assignment_id.clone(),
+            outcome: outcome as i32,
+            message,
+            running: agent.running().map(Into::into),
+        };
+        if results.send(result).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn handle_assignment(agent: &Arc<Agent>, a: &pb::Assignment) -> (pb::AssignmentOutcome, String) {
+    use pb::AssignmentOutcome as O;
+    let target = match a.target.clone().map(ModelRef::try_from) {
+        Some(Ok(t)) => t,
+        Some(Err(e)) => return (O::Refused, format!("invalid target: {e}")),
+        None => return (O::Refused, "the assignment has no target".into()),
+    };
+    let running = agent.running();
+    if a.activate && running.as_ref() == Some(&target) {
+        return (O::Activated, format!("already running {target}"));
+    }
+    if let Some(r) = &running
+        && r.model == target.model
+        && target.version < r.version
+        && !a.rollback
+    {
+        warn!(%target, running = %r, "refusing a downgrade that is not a rollback");
+        return (
+            O::Refused,
+            format!("{target} is older than the running {r} and the assignment is not a rollback"),
+        );
+    }
+    agent.status().pending = Some(target.clone());
+    info!(%target, activate = a.activate, "fetching");
+    let version = match agent.syncer.fetch_version(&target).await {
+        Ok(v) => v,
+        Err(e) if e.is_refused() => {
+            warn!(%target, error = %e, "refused the version");
+            return (O::Refused, e.to_string());
+        }
+        Err(e) => {
+            warn!(%target, error = %e, "fetch failed");
+            return (O::FetchFailed, e.to_string());
+        }
+    };
+    info!(%target, downloaded = version.downloaded_bytes, reused = version.reused_bytes, "version verified in the cache");
+    if !a.activate {
+        return (O::Prefetched, format!("{target} downloaded and verified"));
+    }
+    let device = agent.settings.device;
+    let load = tokio::task::spawn_blocking(move || -> anyhow::Result<LoadedModel> {
+        let model = LoadedModel::load(&version.manifest, &version.blobs, device)?;
+        let probe = model.self_test().context("self-test")?;
+        info!(label = probe.label.as_str(), confidence = probe.confidence, "self-test passed");
+        Ok(model)
+    })
+    .instrument(info_span!("load", %target))
+    .await;
+    let model = match load {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => {
+            warn!(%target, error = %format!("{e:#}"), "load failed; the previous version keeps serving");
+            return (O::LoadFailed, format!("{e:#}"));
+        }
+        Err(e) => return (O::LoadFailed, format!("loading panicked: {e}")),
+    };
+    agent.engine.swap(model);
+    agent.status().running = Some(target.clone());
+    if let Err(e) = agent.save_running(&target) {
+        warn!(error = %format!("{e:#}"), "could not record the running version");
+    }
+    let pinned = [target.clone()];
+    match agent.cache.gc(agent.settings.keep_versions, &pinned) {
+        Ok(report) => debug!(?report, "cache gc"),
+        Err(e) => warn!(error = %e, "cache gc failed"),
+    }
+    (O::Activated, format!("running {target}"))
+}
+
+/// Sends spooled summaries and deletes those the coordinator acknowledged.
+async fn report_loop(agent: Arc<Agent>, cancel: CancellationToken) {
+    let mut backoff = Backoff::new(agent.settings.min_backoff, agent.settings.max_backoff);
+    let mut client = FleetClient::new(agent.channel.clone());
+    loop {
+        let mut wait = agent.settings.report_interval;
+        let pending = match agent.spool.pending(MAX_SUMMARIES_PER_REPORT) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "reading the spool");
+                Vec::new()
+            }
+        };
+        if !pending.is_empty() {
+            let bytes: u64 = pending.iter().map(|s| s.encoded_len() as u64).sum();
+            let request =
+                pb::ReportSummariesRequest { agent_id: agent.settings.agent_id.clone(), summaries: pending };
+            match client.report_summaries(request).await {
+                Ok(response) => {
+                    let acked = response.into_inner().acked;
+                    agent.summary_bytes.fetch_add(bytes, Ordering::Relaxed);
+                    if let Err(e) = agent.spool.ack(&acked) {
+                        warn!(error = %format!("{e:#}"), "deleting acknowledged summaries");
+                    }
+                    debug!(acked = acked.len(), "summaries acknowledged");
+                    backoff.reset();
+                    if agent.spool.depth() > 0 {
+                        wait = Duration::ZERO;
+                    }
+                }
+                Err(status) => {
+                    wait = backoff
+                        .next_delay()
+                        .min(agent.settings.report_interval.max(Duration::from_millis(200)) * 8);
+                    debug!(code = ?status.code(), message = status.message(), ?wait, "reporting summaries failed; they stay spooled");
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
