@@ -68,7 +68,8 @@ fn parse_args() -> Args {
         records: 64,
         repeats: 2,
         window_records: 1000,
-        hard_examples: 8,
+        // The agent's default (`WindowConfig::default`).
+        hard_examples: WindowConfig::default().hard_examples,
         gguf: std::env::var_os("LLMCHAIN_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_default(),
         export: None,
         profile: false,

@@ -63,7 +63,9 @@ pub struct RunArgs {
     /// A summary window also closes after this many records [default: no limit].
     #[arg(long, env = "LLMCHAIN_WINDOW_RECORDS", value_name = "N")]
     pub window_records: Option<u64>,
-    /// Hard examples (lowest confidence) kept per summary [default: 8].
+    /// Hard examples (lowest confidence) kept per summary [default: 4]. Each costs ~375 bytes of
+    /// text and scores; 4 per window keeps summaries over 100x smaller than the records they
+    /// describe at 1,000 records a window, and still feeds the trainer a steady trickle.
     #[arg(long, env = "LLMCHAIN_HARD_EXAMPLES", value_name = "N")]
     pub hard_examples: Option<usize>,
     /// Largest summary spool while the coordinator is unreachable; the oldest are dropped
@@ -165,7 +167,7 @@ impl RunArgs {
         ensure!(window_s.is_finite() && window_s > 0.0, "window_s must be positive");
         let batch_size = m.batch_size.unwrap_or(16);
         ensure!((1..=256).contains(&batch_size), "batch_size must be 1-256");
-        let hard_examples = m.hard_examples.unwrap_or(8);
+        let hard_examples = m.hard_examples.unwrap_or(WindowConfig::default().hard_examples);
         ensure!(hard_examples <= 100, "hard_examples must be at most 100");
         let stats = Arc::new(Stats::default());
         let pipeline = PipelineConfig {

@@ -34,7 +34,7 @@ pub struct WindowConfig {
 
 impl Default for WindowConfig {
     fn default() -> Self {
-        WindowConfig { window: Duration::from_secs(60), max_records: None, hard_examples: 8 }
+        WindowConfig { window: Duration::from_secs(60), max_records: None, hard_examples: 4 }
     }
 }
 
