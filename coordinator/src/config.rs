@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{fleet::FleetConfig, server::Limits};
+use crate::{fleet::FleetConfig, rollout::ControllerConfig, server::Limits};
 
 /// Flags of `coordinator serve`; every one may also come from the environment or the file.
 #[derive(Debug, Default, Clone, clap::Args, Serialize, Deserialize)]
@@ -48,6 +48,17 @@ pub struct ServeArgs {
     /// than the heartbeat interval (etcd rounds it up to whole seconds) [default: 15000].
     #[arg(long, env = "LLMCHAIN_LEASE_TTL_MS", value_name = "MS")]
     pub lease_ttl_ms: Option<u32>,
+    /// How often the leading coordinator advances rollouts, in milliseconds [default: 500].
+    #[arg(long, env = "LLMCHAIN_CONTROLLER_TICK_MS", value_name = "MS")]
+    pub controller_tick_ms: Option<u32>,
+    /// TTL of the rollout controller's leader lease, in milliseconds: a crashed leader is
+    /// replaced after about this long (etcd rounds it up to whole seconds) [default: 10000].
+    #[arg(long, env = "LLMCHAIN_CONTROLLER_LEASE_TTL_MS", value_name = "MS")]
+    pub controller_lease_ttl_ms: Option<u32>,
+    /// This coordinator's name in the leader election and rollout histories, e.g. the pod
+    /// name [default: coordinator-HEX, with 16 random hex digits].
+    #[arg(long, env = "LLMCHAIN_COORDINATOR_ID", value_name = "NAME")]
+    pub coordinator_id: Option<String>,
 }
 
 /// Validated settings of `coordinator serve`.
@@ -67,6 +78,10 @@ pub struct ServeSettings {
     pub blob_gc_grace: Duration,
     /// Agent session timing.
     pub fleet: FleetConfig,
+    /// Rollout controller timing.
+    pub controller: ControllerConfig,
+    /// This coordinator's name in elections and histories.
+    pub coordinator_id: String,
 }
 
 impl ServeArgs {
@@ -110,6 +125,33 @@ impl ServeArgs {
             fleet.lease_ttl.as_millis(),
             fleet.heartbeat_interval.as_millis()
         );
+        let controller_defaults = ControllerConfig::default();
+        let controller = ControllerConfig {
+            tick: merged
+                .controller_tick_ms
+                .map(|ms| Duration::from_millis(ms.into()))
+                .unwrap_or(controller_defaults.tick),
+            lease_ttl: merged
+                .controller_lease_ttl_ms
+                .map(|ms| Duration::from_millis(ms.into()))
+                .unwrap_or(controller_defaults.lease_ttl),
+        };
+        anyhow::ensure!(
+            controller.tick >= Duration::from_millis(10),
+            "controller_tick_ms must be at least 10"
+        );
+        anyhow::ensure!(
+            controller.lease_ttl >= Duration::from_secs(1),
+            "controller_lease_ttl_ms must be at least 1000"
+        );
+        let coordinator_id =
+            merged.coordinator_id.unwrap_or_else(|| format!("coordinator-{}", crate::fleet::fresh_id()));
+        anyhow::ensure!(
+            !coordinator_id.is_empty()
+                && coordinator_id.len() <= 128
+                && coordinator_id.bytes().all(|b| b.is_ascii_graphic()),
+            "coordinator_id must be 1-128 printable ASCII characters"
+        );
         Ok(ServeSettings {
             listen: merged.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7400))),
             limits,
@@ -118,6 +160,8 @@ impl ServeArgs {
             trainer_keys: merged.trainer_key.unwrap_or_default(),
             blob_gc_grace: Duration::from_secs(3600 * merged.blob_gc_grace_h.unwrap_or(24)),
             fleet,
+            controller,
+            coordinator_id,
         })
     }
 }
@@ -151,6 +195,30 @@ mod tests {
             ServeArgs { heartbeat_interval_ms: Some(2000), lease_ttl_ms: Some(1000), ..Default::default() };
         let err = args.resolve(None).unwrap_err().to_string();
         assert!(err.contains("lease_ttl_ms"), "{err}");
+    }
+
+    #[test]
+    fn controller_timing_and_identity() {
+        let defaults = ServeArgs::default().resolve(None).unwrap();
+        assert_eq!(defaults.controller, ControllerConfig::default());
+        assert!(defaults.coordinator_id.starts_with("coordinator-"), "{}", defaults.coordinator_id);
+        let args = ServeArgs {
+            controller_tick_ms: Some(100),
+            controller_lease_ttl_ms: Some(2000),
+            coordinator_id: Some("pod-7".into()),
+            ..Default::default()
+        };
+        let settings = args.resolve(None).unwrap();
+        assert_eq!(
+            (settings.controller.tick, settings.controller.lease_ttl, settings.coordinator_id.as_str()),
+            (Duration::from_millis(100), Duration::from_secs(2), "pod-7")
+        );
+        let err =
+            ServeArgs { controller_lease_ttl_ms: Some(10), ..Default::default() }.resolve(None).unwrap_err();
+        assert!(err.to_string().contains("controller_lease_ttl_ms"), "{err}");
+        let err =
+            ServeArgs { coordinator_id: Some("a b".into()), ..Default::default() }.resolve(None).unwrap_err();
+        assert!(err.to_string().contains("coordinator_id"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod fleet;
 pub mod registry;
+pub mod rollout;
 pub mod server;
 pub mod store;
 

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use llmchain_artifact::{PublicKey, TrustedKeys};
 use llmchain_coordinator::{
     blobs::{self, VerifiedBlobs},
-    config, fleet, registry, server, store,
+    config, fleet, registry, rollout, server, store,
 };
 use llmchain_runtime::{shutdown, telemetry};
 
@@ -74,10 +74,19 @@ async fn main() -> anyhow::Result<()> {
             // Tests and scripts read the bound address from this line (port 0 picks a free one).
             println!("listening on {}", listener.local_addr()?);
             let fleet = Arc::new(fleet::Fleet::new(settings.fleet, state.clone(), shutdown.child_token()));
+            let rollouts = Arc::new(rollout::Rollouts::new(state.clone(), settings.coordinator_id.clone()));
+            // Every coordinator campaigns; only the elected one advances rollouts.
+            let controller =
+                rollout::Controller::new(state.clone(), settings.controller, settings.coordinator_id.clone())
+                    .spawn(shutdown.child_token());
             let mut services = server::ServiceSet::default();
             services.add(registry::service(registry));
             services.add(fleet::service(fleet));
+            services.add(rollout::service(rollouts));
             server::serve(listener, services, settings.limits, shutdown).await?;
+            // The server returns after shutdown was cancelled: the controller resigns, so a
+            // standby coordinator takes over at once rather than after the lease TTL.
+            controller.await.context("rollout controller task failed")?;
         }
     }
     Ok(())

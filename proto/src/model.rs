@@ -78,6 +78,10 @@ name_type!(
     /// An identity name (agent, trainer, operator), same rules as a model name.
     AgentId
 );
+name_type!(
+    /// A rollout identifier, same rules as a model name.
+    RolloutId
+);
 
 /// A sha256 content address, written `sha256:<64 lowercase hex>`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -672,6 +676,25 @@ pub struct Step {
     pub size: StepSize,
     /// Soak time in seconds.
     pub soak_seconds: u32,
+    /// Extra soak time in milliseconds.
+    pub soak_ms: u32,
+}
+
+impl Step {
+    /// The whole soak time: `soak_seconds` plus `soak_ms`.
+    pub fn soak(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.soak_seconds.into())
+            + std::time::Duration::from_millis(self.soak_ms.into())
+    }
+
+    /// Agents on the target after this step, out of `selected` (percentages round up; never
+    /// more than `selected`).
+    pub fn covered(&self, selected: usize) -> usize {
+        match self.size {
+            StepSize::Agents(n) => (n as usize).min(selected),
+            StepSize::Percent(p) => (selected * p as usize).div_ceil(100).min(selected),
+        }
+    }
 }
 
 /// Which agents a rollout targets.
@@ -735,7 +758,7 @@ impl TryFrom<pb::CreateRolloutRequest> for RolloutSpec {
                     ));
                 }
             };
-            steps.push(Step { size, soak_seconds: s.soak_seconds });
+            steps.push(Step { size, soak_seconds: s.soak_seconds, soak_ms: s.soak_ms });
         }
         if !matches!(steps.last().map(|s| s.size), Some(StepSize::Percent(100))) {
             return Err(ApiError::invalid(
@@ -775,6 +798,27 @@ impl TryFrom<pb::CreateRolloutRequest> for RolloutSpec {
             })
             .collect::<ApiResult<_>>()?;
         Ok(RolloutSpec { target, targets, steps, gates, prefetch: r.prefetch, probe, paused: r.paused })
+    }
+}
+
+/// A validated `PauseRollout`, `ResumeRollout` or `RollbackRollout` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutAction {
+    /// The rollout.
+    pub id: RolloutId,
+    /// Why, for the history (at most 1 KiB).
+    pub reason: String,
+}
+
+impl TryFrom<pb::RolloutAction> for RolloutAction {
+    type Error = ApiError;
+    fn try_from(a: pb::RolloutAction) -> ApiResult<Self> {
+        let id = RolloutId::parse("id", &a.id)?;
+        check_text("reason", &a.reason, 1024)?;
+        if a.reason.chars().any(char::is_control) {
+            return Err(ApiError::invalid("reason", "must not contain control characters"));
+        }
+        Ok(RolloutAction { id, reason: a.reason })
     }
 }
 

@@ -195,6 +195,51 @@ pub async fn write_assignment(
     Ok(revision)
 }
 
+/// The transaction op that stores `assignment` as `agent`'s desired state, for writers that
+/// fence the write with a compare (the rollout controller); same encoding as
+/// [`write_assignment`].
+pub fn assignment_op(agent: &AgentId, assignment: &Assignment) -> Op {
+    Op::put(assignment_key(agent), records::encode_assignment(assignment))
+}
+
+/// Every known agent whose labels match `selector`, sorted by id, with its liveness and traffic.
+pub async fn list_agents(store: &dyn Store, selector: &LabelSelector) -> Result<Vec<AgentInfo>> {
+    let (agents, online, traffic) =
+        tokio::try_join!(store.list(AGENTS_PREFIX), store.list(ONLINE_PREFIX), store.list(TRAFFIC_PREFIX))?;
+    let online: HashSet<AgentId> =
+        online.kvs.iter().map(|kv| agent_from_key(ONLINE_PREFIX, &kv.key)).collect::<Result<_>>()?;
+    let traffic: HashMap<AgentId, TrafficRecord> = traffic
+        .kvs
+        .iter()
+        .map(|kv| Ok((agent_from_key(TRAFFIC_PREFIX, &kv.key)?, TrafficRecord::decode(&kv.key, &kv.value)?)))
+        .collect::<Result<_>>()?;
+    let mut out = Vec::new();
+    for kv in agents.kvs {
+        let state = AgentState::decode(&kv.key, &kv.value)?;
+        if !selector.matches(&state.labels) {
+            continue;
+        }
+        out.push(AgentInfo {
+            online: online.contains(&state.agent_id),
+            traffic: traffic.get(&state.agent_id).copied().unwrap_or_default(),
+            state,
+        });
+    }
+    Ok(out)
+}
+
+/// Every stored summary of one agent, oldest sequence number first.
+pub async fn agent_summaries(store: &dyn Store, agent: &AgentId) -> Result<Vec<Summary>> {
+    let listing = store.list(&agent_summaries_prefix(agent)).await?;
+    listing.kvs.iter().map(|kv| decode_summary(&kv.key, &kv.value)).collect()
+}
+
+/// The aggregate of one version's stored summaries, if any was stored.
+pub async fn version_aggregate(store: &dyn Store, model: &ModelRef) -> Result<Option<AggregateRecord>> {
+    let key = aggregate_key(model);
+    store.get(&key).await?.map(|kv| AggregateRecord::decode(&key, &kv.value)).transpose()
+}
+
 /// The assignment one agent gets from a template shared by several agents.
 fn for_agent(template: &Assignment, agent: &AgentId) -> Assignment {
     Assignment { assignment_id: format!("{}:{agent}", template.assignment_id), ..template.clone() }
@@ -645,33 +690,7 @@ impl FleetApi for Fleet {
     }
 
     async fn list_agents(&self, selector: &LabelSelector) -> Result<Vec<AgentInfo>> {
-        let (agents, online, traffic) = tokio::try_join!(
-            self.store.list(AGENTS_PREFIX),
-            self.store.list(ONLINE_PREFIX),
-            self.store.list(TRAFFIC_PREFIX),
-        )?;
-        let online: HashSet<AgentId> =
-            online.kvs.iter().map(|kv| agent_from_key(ONLINE_PREFIX, &kv.key)).collect::<Result<_>>()?;
-        let traffic: HashMap<AgentId, TrafficRecord> = traffic
-            .kvs
-            .iter()
-            .map(|kv| {
-                Ok((agent_from_key(TRAFFIC_PREFIX, &kv.key)?, TrafficRecord::decode(&kv.key, &kv.value)?))
-            })
-            .collect::<Result<_>>()?;
-        let mut out = Vec::new();
-        for kv in agents.kvs {
-            let state = AgentState::decode(&kv.key, &kv.value)?;
-            if !selector.matches(&state.labels) {
-                continue;
-            }
-            out.push(AgentInfo {
-                online: online.contains(&state.agent_id),
-                traffic: traffic.get(&state.agent_id).copied().unwrap_or_default(),
-                state,
-            });
-        }
-        Ok(out)
+        list_agents(self.store.as_ref(), selector).await
     }
 
     async fn list_summaries(&self, query: SummaryQuery) -> Result<Vec<Summary>> {

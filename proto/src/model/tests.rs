@@ -248,8 +248,8 @@ fn rollout() -> pb::CreateRolloutRequest {
     pb::CreateRolloutRequest {
         target: Some(model_ref("m", 2)),
         steps: vec![
-            pb::RolloutStep { agents: 1, percent: 0, soak_seconds: 30 },
-            pb::RolloutStep { agents: 0, percent: 100, soak_seconds: 0 },
+            pb::RolloutStep { agents: 1, percent: 0, soak_seconds: 30, soak_ms: 500 },
+            pb::RolloutStep { agents: 0, percent: 100, soak_seconds: 0, soak_ms: 0 },
         ],
         ..Default::default()
     }
@@ -259,18 +259,22 @@ fn rollout() -> pb::CreateRolloutRequest {
 fn rollout_spec_checks_steps_targets_and_gates() {
     let spec = RolloutSpec::try_from(rollout()).unwrap();
     assert_eq!(spec.steps[0].size, StepSize::Agents(1));
+    assert_eq!(spec.steps[0].soak(), std::time::Duration::from_millis(30_500));
+    assert_eq!((spec.steps[0].covered(5), spec.steps[0].covered(0)), (1, 0));
+    let half = Step { size: StepSize::Percent(50), soak_seconds: 0, soak_ms: 0 };
+    assert_eq!((half.covered(5), half.covered(1), half.covered(0)), (3, 1, 0));
     rejects(RolloutSpec::try_from(pb::CreateRolloutRequest { target: None, ..rollout() }), "target");
     rejects(RolloutSpec::try_from(pb::CreateRolloutRequest { steps: vec![], ..rollout() }), "steps");
     rejects(
         RolloutSpec::try_from(pb::CreateRolloutRequest {
-            steps: vec![pb::RolloutStep { agents: 0, percent: 50, soak_seconds: 0 }],
+            steps: vec![pb::RolloutStep { agents: 0, percent: 50, soak_seconds: 0, soak_ms: 0 }],
             ..rollout()
         }),
         "steps[0]",
     );
     rejects(
         RolloutSpec::try_from(pb::CreateRolloutRequest {
-            steps: vec![pb::RolloutStep { agents: 2, percent: 100, soak_seconds: 0 }],
+            steps: vec![pb::RolloutStep { agents: 2, percent: 100, soak_seconds: 0, soak_ms: 0 }],
             ..rollout()
         }),
         "steps[0]",
@@ -437,5 +441,16 @@ fn summary_query_defaults_caps_and_filters() {
     rejects(
         SummaryQuery::try_from(pb::ListSummariesRequest { agent_id: "A".into(), ..Default::default() }),
         "agent_id",
+    );
+}
+
+#[test]
+fn rollout_action_checks_id_and_reason() {
+    let ok = RolloutAction::try_from(pb::RolloutAction { id: "0123abcd".into(), reason: "bad drift".into() });
+    assert_eq!(ok.unwrap().id.as_str(), "0123abcd");
+    rejects(RolloutAction::try_from(pb::RolloutAction { id: String::new(), reason: String::new() }), "id");
+    rejects(
+        RolloutAction::try_from(pb::RolloutAction { id: "r1".into(), reason: "x".repeat(1025) }),
+        "reason",
     );
 }
