@@ -148,7 +148,8 @@ async fn llmchainctl_status_lists_services_and_fails_clearly_when_unreachable() 
         .env_clear()
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    // Exit code 2 is llmchainctl's "cannot reach the coordinator".
+    assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("unreachable"), "{stderr}");
+    assert!(stderr.contains("cannot reach the coordinator"), "{stderr}");
 }
