@@ -29,7 +29,6 @@ use llmchain_proto::{
     pb::{self, fleet_client::FleetClient},
 };
 use prost::Message;
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tch::Device;
 use tokio::sync::mpsc;
@@ -39,8 +38,9 @@ use tonic::transport::Channel;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
+    backoff::Backoff,
     engine::{Engine, LoadedModel},
-    pipeline::{self, Decider, PipelineConfig, Spool, Stats},
+    pipeline::{self, Decider, PipelineConfig, Spool, Stats, spool::write_atomic},
     sync::{BlobCache, Syncer, SyncerConfig, spawn_progress_display},
 };
 
@@ -85,34 +85,6 @@ struct RunningState {
 }
 
 const STATE_FILE: &str = "running.json";
-
-/// Exponential backoff with full jitter.
-#[derive(Debug)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    /// A backoff starting at `min`, capped at `max`.
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Backoff { min, max, attempt: 0 }
-    }
-
-    /// The next delay: uniform in `[d/2, d]` where `d = min · 2^attempt`, capped at `max`.
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self.min.saturating_mul(1u32 << self.attempt.min(16)).min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        let half = d / 2;
-        half + rand::rng().random_range(Duration::ZERO..=half)
-    }
-
-    /// Back to the first delay (after a success).
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
 
 /// What the agent reports about itself.
 #[derive(Default)]
@@ -183,19 +155,9 @@ impl Agent {
 
     fn save_running(&self, id: &ModelRef) -> anyhow::Result<()> {
         let state = RunningState { model: id.model.to_string(), version: id.version };
-        write_atomic(&self.settings.state_dir.join(STATE_FILE), &serde_json::to_vec(&state)?)
+        write_atomic(&self.settings.state_dir, STATE_FILE, &serde_json::to_vec(&state)?)
+            .with_context(|| format!("writing {}", self.settings.state_dir.join(STATE_FILE).display()))
     }
-}
-
-/// Writes `bytes` to `path` through a synced temporary file and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
 }
 
 fn read_running(state_dir: &Path) -> anyhow::Result<Option<ModelRef>> {

@@ -14,7 +14,11 @@ use serde::Serialize;
 use tokio::{io::AsyncWriteExt, sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
 
-use super::{Error, Result, Scored, Stats, source::parse_mqtt_url};
+use super::{
+    Error, Result, Scored, Stats,
+    source::{MQTT_MAX_BACKOFF, MQTT_MIN_BACKOFF, parse_mqtt_url},
+};
+use crate::backoff::Backoff;
 
 /// Decisions queued per executor before the pipeline waits.
 const QUEUE: usize = 256;
@@ -301,20 +305,19 @@ impl Action {
 /// Drives an MQTT client's connection: reconnects with backoff and jitter; ends after the
 /// client disconnects.
 async fn drive(mut events: rumqttc::EventLoop, host: String, port: u16) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(MQTT_MIN_BACKOFF, MQTT_MAX_BACKOFF);
     loop {
         match events.poll().await {
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
             Ok(Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 info!(%host, port, "mqtt executor connected");
             }
             Ok(_) => {}
             Err(e) => {
-                let wait = backoff.mul_f64(0.5 + rand::random::<f64>());
+                let wait = backoff.next_delay();
                 warn!(error = %e, %host, port, retry_in_ms = wait.as_millis() as u64, "mqtt executor disconnected");
                 tokio::time::sleep(wait).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }

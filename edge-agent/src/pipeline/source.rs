@@ -24,6 +24,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{Error, Result};
+use crate::backoff::Backoff;
+
+/// First delay before an MQTT client reconnects (sources and executors).
+pub(crate) const MQTT_MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest delay between MQTT reconnect attempts.
+pub(crate) const MQTT_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// One record as it arrived: raw bytes and arrival time.
 #[derive(Debug, Clone)]
@@ -267,11 +273,11 @@ async fn mqtt(client_id: String, host: String, port: u16, topic: String, tx: mps
     // Over-size records must still arrive, to be counted as bad rather than break the link.
     opts.set_max_packet_size(4 * MAX_RECORD_BYTES, 64 << 10);
     let (client, mut events) = AsyncClient::new(opts, 64);
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(MQTT_MIN_BACKOFF, MQTT_MAX_BACKOFF);
     loop {
         match events.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 match client.try_subscribe(topic.clone(), QoS::AtLeastOnce) {
                     Ok(()) => info!(%host, port, %topic, "mqtt source connected"),
                     Err(e) => warn!(error = %e, %topic, "mqtt subscribe failed"),
@@ -285,10 +291,9 @@ async fn mqtt(client_id: String, host: String, port: u16, topic: String, tx: mps
             }
             Ok(_) => {}
             Err(e) => {
-                let wait = backoff.mul_f64(0.5 + rand::random::<f64>());
+                let wait = backoff.next_delay();
                 warn!(error = %e, %host, port, retry_in_ms = wait.as_millis() as u64, "mqtt source disconnected");
                 tokio::time::sleep(wait).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }

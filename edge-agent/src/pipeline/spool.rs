@@ -76,7 +76,7 @@ fn entry_name(seq: u64) -> String {
 }
 
 /// Writes `name` in `dir` atomically and durably: tmp file, fsync, rename, fsync directory.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
     let mut f = File::create(&tmp)?;
     f.write_all(bytes)?;
