@@ -5,9 +5,9 @@
 //! --repeats 2 --export PATH --profile]`.
 //!
 //! - Decisions: simulated records (fixed seed) are preprocessed and scored by
-//!   [`LoadedModel::score`], the agent's path (instructions cached once, one padded prefill
-//!   per batch, candidates fanned out from the KV cache), in consecutive batches of 1, 8 and
-//!   32. A record's latency is the time from its batch's start to the batch's end (what an
+//!   [`LoadedModel::score`], the agent's path (instructions cached once, one padded forward
+//!   step per batch over the records and all their candidates), in consecutive batches of 1,
+//!   8 and 32. A record's latency is the time from its batch's start to the batch's end (what an
 //!   agent sees for records that arrive together); decisions/s is records over total time.
 //!   After one warm-up batch, the same `records` are scored `repeats` times per batch size and
 //!   the fastest pass is reported (other load only ever slows a pass down).
@@ -20,7 +20,7 @@
 //! - `--export PATH` writes the exact token ids (prefix, per record, candidates) and our
 //!   decisions, so `scripts/bench/agent.py` scores identical tokens with llama.cpp.
 //! - `--profile` times the parts of a batch with the model API directly (prefill with and
-//!   without the cached prefix, candidate fan-out, padding) and prints them on stderr.
+//!   without the cached prefix, candidates, padding) and prints them on stderr.
 //!
 //! Prints a human summary on stderr and one JSON object on stdout.
 
@@ -232,7 +232,7 @@ fn profile(model: &Llama, prompt: &ClassifierPrompt, prefix: &Prefix, records: &
             best_ms(repeats, || drop(model.score(Some(prefix), &rows, &first_only).expect("score")));
         let no_prefix = best_ms(repeats, || drop(model.score(None, &full, &first_only).expect("score")));
         eprintln!(
-            "profile b={b:>2}: score {score:7.1} ms = prefill(+first logits) {prefill:7.1} ms + fan-out {:6.1} ms \
+            "profile b={b:>2}: score {score:7.1} ms = prefill(+first logits) {prefill:7.1} ms + candidates {:6.1} ms \
              ({:.1} ms/record); without cached prefix the prefill takes {no_prefix:7.1} ms; \
              padding: {real} real of {padded} computed tokens ({:.0}% waste)",
             score - prefill,
@@ -242,41 +242,30 @@ fn profile(model: &Llama, prompt: &ClassifierPrompt, prefix: &Prefix, records: &
     }
 }
 
-/// Times the stages of [`Llama::score`] one by one (same calls as `model/src/inference.rs`):
-/// copying the prefix's cache to every row, the record prefill, copying each row's cache once
-/// per candidate, and the candidates' forward pass.
-fn stages(model: &Llama, prompt: &ClassifierPrompt, records: &[Vec<u32>], b: usize, repeats: usize) {
+/// Times the stages of [`Llama::score`] that can be run on their own: copying the prefix's
+/// cache to every row (part of every score call), then the whole call, whose rest is one
+/// forward step over the records and all their candidates (no per-candidate cache copy).
+fn stages(
+    model: &Llama,
+    prompt: &ClassifierPrompt,
+    prefix: &Prefix,
+    records: &[Vec<u32>],
+    b: usize,
+    repeats: usize,
+) {
     let _guard = tch::no_grad_guard();
-    let candidates = prompt.candidates();
-    let rows: Vec<&[u32]> = records.iter().take(b).map(Vec::as_slice).collect();
-    let longest = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-    let longest_candidate = candidates.iter().map(Vec::len).max().unwrap_or(1);
-    let mut prefix = model.new_cache(1, prompt.prefix_ids().len()).expect("cache");
-    let _ = model.forward_cached(&mut prefix, &[prompt.prefix_ids()], Padding::Left).expect("prefix");
-    let c = candidates.len();
-    let fan_rows: Vec<usize> = (0..b).flat_map(|p| std::iter::repeat_n(p, c)).collect();
-    let inputs: Vec<&[u32]> = (0..b).flat_map(|_| candidates.iter().map(|k| &k[..k.len() - 1])).collect();
-    let (mut copy_prefix, mut prefill, mut copy_fan, mut fan) =
-        (f64::INFINITY, f64::INFINITY, f64::INFINITY, f64::INFINITY);
-    for _ in 0..=repeats {
-        let t = Instant::now();
-        let mut cache = prefix.select_rows(&vec![0; b], longest).expect("select");
-        copy_prefix = copy_prefix.min(t.elapsed().as_secs_f64() * 1e3);
-        let t = Instant::now();
-        let _ = model.forward_cached(&mut cache, &rows, Padding::Left).expect("prefill");
-        prefill = prefill.min(t.elapsed().as_secs_f64() * 1e3);
-        let t = Instant::now();
-        let mut fanned = cache.select_rows(&fan_rows, longest_candidate - 1).expect("fan out");
-        copy_fan = copy_fan.min(t.elapsed().as_secs_f64() * 1e3);
-        drop(cache);
-        let t = Instant::now();
-        let _ = model.forward_cached(&mut fanned, &inputs, Padding::Right).expect("candidates");
-        fan = fan.min(t.elapsed().as_secs_f64() * 1e3);
-    }
+    let rows: Vec<Vec<u32>> = records.iter().take(b).cloned().collect();
+    let width = rows.iter().map(Vec::len).max().unwrap_or(0)
+        + prompt.candidates().iter().map(|k| k.len() - 1).sum::<usize>();
+    let mut single = model.new_cache(1, prompt.prefix_ids().len()).expect("cache");
+    let _ = model.forward_cached(&mut single, &[prompt.prefix_ids()], Padding::Left).expect("prefix");
+    let copy_prefix = best_ms(repeats, || drop(single.select_rows(&vec![0; b], width).expect("select")));
+    let score =
+        best_ms(repeats, || drop(model.score(Some(prefix), &rows, prompt.candidates()).expect("score")));
     eprintln!(
-        "stages b={b:>2}: copy prefix cache to {b} rows {copy_prefix:7.1} ms; prefill {prefill:8.1} ms; \
-         copy cache to {} candidate rows {copy_fan:7.1} ms; candidates forward {fan:7.1} ms",
-        b * c
+        "stages b={b:>2}: copy prefix cache to {b} rows {copy_prefix:7.1} ms; one step over records and \
+         candidates ({width} slots a row) {:8.1} ms",
+        score - copy_prefix
     );
 }
 
@@ -310,7 +299,7 @@ fn main() {
         let prefix = llama.prefix(prompt.prefix_ids()).expect("prefix");
         profile(&llama, &prompt, &prefix, &record_ids, args.repeats);
         for b in BATCHES {
-            stages(&llama, &prompt, &record_ids, b, args.repeats);
+            stages(&llama, &prompt, &prefix, &record_ids, b, args.repeats);
         }
     }
 

@@ -1,9 +1,10 @@
 //! Scoring and generation: what the edge agent and the operator command run on a [`Llama`].
 //!
 //! - [`Llama::score`] gives, for every prompt, the log-probability of every candidate
-//!   continuation. Each prompt is prefilled once (all prompts in one padded batch); its KV cache
-//!   is then fanned out to one row per candidate, so only candidate tokens are computed again.
-//!   A [`Prefix`] (the fixed instructions every prompt starts with) is computed once per model
+//!   continuation. All prompts and all their candidates run in one padded forward step: each
+//!   row holds its prompt then every candidate's tokens, each candidate at the positions after
+//!   the prompt and masked from the others, so no KV cache is copied per candidate. A
+//!   [`Prefix`] (the fixed instructions every prompt starts with) is computed once per model
 //!   and shared by every call.
 //! - [`Llama::generate`] decodes greedily (temperature 0) or samples with temperature and top-p
 //!   from a seeded generator, so a seed reproduces its output; it stops at EOS, at any of the
@@ -104,8 +105,8 @@ impl Llama {
     /// Log-probability of each candidate continuation after each prompt: `result[p][c]` is
     /// `log P(candidates[c] | prefix ++ prompts[p])`, summed over the candidate's tokens.
     ///
-    /// With `prefix`, each prompt is the part after the prefix (and may be empty). Prompts are
-    /// prefilled in one batch; candidates then run against each prompt's cached keys and values.
+    /// With `prefix`, each prompt is the part after the prefix (and may be empty). Prompts and
+    /// candidates run in one batched step (see the module docs).
     pub fn score(
         &self,
         prefix: Option<&Prefix>,
@@ -125,57 +126,114 @@ impl Llama {
         self.check_ids(prompts.iter().chain(candidates).map(Vec::as_slice))?;
         let (b, c) = (prompts.len(), candidates.len());
         let longest_prompt = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let longest_candidate = candidates.iter().map(Vec::len).max().unwrap_or(0);
+        // The tokens a candidate feeds: all but its last, which is only ever predicted.
+        let fed: Vec<&[u32]> = candidates.iter().map(|cand| &cand[..cand.len() - 1]).collect();
+        let offsets: Vec<usize> = fed
+            .iter()
+            .scan(longest_prompt, |at, f| {
+                let start = *at;
+                *at += f.len();
+                Some(start)
+            })
+            .collect();
+        let width = longest_prompt + fed.iter().map(|f| f.len()).sum::<usize>();
 
-        // 1. The prompts, after the (shared) prefix, in one left-padded batch.
-        let mut cache = match prefix {
-            Some(p) => p.cache.select_rows(&vec![0; b], longest_prompt)?,
-            None => self.new_cache(b, longest_prompt)?,
+        // One step per batch: each row is its prompt (left-padded, so every prompt ends at slot
+        // `longest_prompt - 1`) followed by every candidate's fed tokens. Each candidate starts
+        // at the position after its prompt and sees the prefix, the prompt and its own earlier
+        // tokens only, so no cache is copied per candidate.
+        let cache = match prefix {
+            Some(p) => p.cache.select_rows(&vec![0; b], width)?,
+            None => self.new_cache(b, width)?,
         };
-        if longest_prompt > 0 {
-            let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-            let _ = self.forward_cached(&mut cache, &rows, Padding::Left)?;
-        }
-        let last = cache.last_hidden().ok_or_else(|| Error::input("no tokens were processed"))?;
-        let first = self.logits(last).log_softmax(-1, Kind::Float); // [B, V]
-        let first_ids: Vec<i64> = candidates.iter().map(|cand| i64::from(cand[0])).collect();
-        let first_ids = Tensor::from_slice(&first_ids).to_device(self.device());
-        let first: Vec<f32> =
-            Vec::try_from(first.index_select(1, &first_ids).to_device(tch::Device::Cpu).view([-1]))?;
-        let mut scores: Vec<Vec<f64>> =
-            first.chunks(c).map(|row| row.iter().map(|&x| f64::from(x)).collect()).collect();
-
-        // 2. The candidates' remaining tokens, one row per (prompt, candidate). The last token of
-        //    a candidate is only ever predicted, never fed, so single-token candidates need no
-        //    second pass at all.
-        if longest_candidate > 1 {
-            let fan_rows: Vec<usize> = (0..b).flat_map(|p| std::iter::repeat_n(p, c)).collect();
-            let mut fan = cache.select_rows(&fan_rows, longest_candidate - 1)?;
-            drop(cache);
-            let inputs: Vec<&[u32]> =
-                (0..b).flat_map(|_| candidates.iter().map(|cand| &cand[..cand.len() - 1])).collect();
-            let hidden = self.forward_cached(&mut fan, &inputs, Padding::Right)?; // [B*C, L-1, H]
-            let width = (longest_candidate - 1) as i64;
-            let (mut slots, mut targets, mut owners) = (Vec::new(), Vec::new(), Vec::new());
-            for (row, cand) in
-                (0..b).flat_map(|p| candidates.iter().enumerate().map(move |(ci, cand)| (p * c + ci, cand)))
-            {
-                for t in 0..cand.len() - 1 {
-                    slots.push(row as i64 * width + t as i64);
-                    targets.push(i64::from(cand[t + 1]));
-                    owners.push(row);
+        let base: Vec<i64> = cache.positions().to_vec();
+        let prefix_hidden = cache.last_hidden().map(Tensor::shallow_clone);
+        let hidden = if width > 0 {
+            let n = b * width;
+            let (mut ids, mut pos, mut valid) = (vec![0i64; n], vec![0i64; n], vec![false; n]);
+            let mut sees = vec![false; n * width];
+            for (r, prompt) in prompts.iter().enumerate() {
+                let row = r * width;
+                let first = longest_prompt - prompt.len();
+                pos[row..row + width].fill(base[r]);
+                for (k, &id) in prompt.iter().enumerate() {
+                    let slot = row + first + k;
+                    (ids[slot], pos[slot], valid[slot]) = (i64::from(id), base[r] + k as i64, true);
+                    sees[slot * width + first..=slot * width + first + k].fill(true);
+                }
+                let end = base[r] + prompt.len() as i64;
+                for (f, &at) in fed.iter().zip(&offsets) {
+                    for (k, &id) in f.iter().enumerate() {
+                        let slot = row + at + k;
+                        (ids[slot], pos[slot], valid[slot]) = (i64::from(id), end + k as i64, true);
+                        let sees = &mut sees[slot * width..(slot + 1) * width];
+                        sees[first..longest_prompt].fill(true);
+                        sees[at..=at + k].fill(true);
+                    }
                 }
             }
-            let device = self.device();
-            let hidden = hidden
-                .view([-1, hidden.size()[2]])
-                .index_select(0, &Tensor::from_slice(&slots).to_device(device));
-            let logp = self.logits(&hidden).log_softmax(-1, Kind::Float);
+            Some(self.forward_tree(cache, width, &ids, &pos, &valid, &sees)?) // [B, W, H]
+        } else {
+            None
+        };
+
+        // The states that predict each candidate token: a prompt's last one predicts every
+        // candidate's first token (one row per prompt, shared), a fed token the next one.
+        let device = self.device();
+        let first = match (&hidden, longest_prompt) {
+            (Some(h), n) if n > 0 => {
+                let last = h.select(1, n as i64 - 1);
+                match (&prefix_hidden, prompts.iter().any(Vec::is_empty)) {
+                    (Some(p), true) => {
+                        let empty: Vec<bool> = prompts.iter().map(Vec::is_empty).collect();
+                        p.where_self(&Tensor::from_slice(&empty).to_device(device).view([b as i64, 1]), &last)
+                    }
+                    _ => last,
+                }
+            }
+            _ => prefix_hidden.ok_or_else(|| Error::input("no tokens were processed"))?,
+        };
+        let (mut slots, mut targets) = (Vec::new(), Vec::new());
+        for r in 0..b {
+            for ((cand, f), &at) in candidates.iter().zip(&fed).zip(&offsets) {
+                for k in 0..f.len() {
+                    slots.push((r * width + at + k) as i64);
+                    targets.push(i64::from(cand[k + 1]));
+                }
+            }
+        }
+        let states = match &hidden {
+            Some(h) if !slots.is_empty() => {
+                let flat = h.view([-1, h.size()[2]]);
+                Tensor::cat(
+                    &[&first, &flat.index_select(0, &Tensor::from_slice(&slots).to_device(device))],
+                    0,
+                )
+            }
+            _ => first,
+        };
+        // One output projection for every state that predicts something.
+        let logp = self.logits(&states).log_softmax(-1, Kind::Float); // [B + slots, V]
+        let first_ids: Vec<i64> = candidates.iter().map(|cand| i64::from(cand[0])).collect();
+        let first_ids = Tensor::from_slice(&first_ids).to_device(device);
+        let first: Vec<f32> = Vec::try_from(
+            logp.narrow(0, 0, b as i64).index_select(1, &first_ids).to_device(tch::Device::Cpu).view([-1]),
+        )?;
+        let mut scores: Vec<Vec<f64>> =
+            first.chunks(c).map(|row| row.iter().map(|&x| f64::from(x)).collect()).collect();
+        if !slots.is_empty() {
             let targets = Tensor::from_slice(&targets).to_device(device).view([-1, 1]);
-            let picked: Vec<f32> =
-                Vec::try_from(logp.gather(1, &targets, false).to_device(tch::Device::Cpu).view([-1]))?;
-            for (row, lp) in owners.into_iter().zip(picked) {
-                scores[row / c][row % c] += f64::from(lp);
+            let picked: Vec<f32> = Vec::try_from(
+                logp.narrow(0, b as i64, slots.len() as i64)
+                    .gather(1, &targets, false)
+                    .to_device(tch::Device::Cpu)
+                    .view([-1]),
+            )?;
+            let owners = (0..b).flat_map(|r| {
+                fed.iter().enumerate().flat_map(move |(ci, f)| std::iter::repeat_n((r, ci), f.len()))
+            });
+            for ((r, ci), lp) in owners.zip(picked) {
+                scores[r][ci] += f64::from(lp);
             }
         }
         debug!(prompts = b, candidates = c, prefix = prefix.map_or(0, |p| p.ids.len()), "scored");
@@ -294,6 +352,87 @@ impl SplitMix64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::llama::tests::tiny;
+
+    /// The scoring before one-step candidates: prefill the prompts, copy each prompt's cache once
+    /// per candidate, run the candidates' tokens on the copies (right-padded).
+    fn fan_out_score(
+        model: &Llama,
+        prefix: &Prefix,
+        prompts: &[Vec<u32>],
+        candidates: &[Vec<u32>],
+    ) -> Vec<Vec<f64>> {
+        let _guard = tch::no_grad_guard();
+        let (b, c) = (prompts.len(), candidates.len());
+        let longest = prompts.iter().map(Vec::len).max().unwrap();
+        let mut cache = prefix.cache.select_rows(&vec![0; b], longest).unwrap();
+        let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let _ = model.forward_cached(&mut cache, &rows, Padding::Left).unwrap();
+        let first = model.logits(cache.last_hidden().unwrap()).log_softmax(-1, Kind::Double);
+        let mut scores: Vec<Vec<f64>> = (0..b)
+            .map(|p| candidates.iter().map(|k| first.double_value(&[p as i64, i64::from(k[0])])).collect())
+            .collect();
+        let longest_candidate = candidates.iter().map(Vec::len).max().unwrap();
+        let fan_rows: Vec<usize> = (0..b).flat_map(|p| std::iter::repeat_n(p, c)).collect();
+        let mut fan = cache.select_rows(&fan_rows, longest_candidate - 1).unwrap();
+        let inputs: Vec<&[u32]> = (0..b).flat_map(|_| candidates.iter().map(|k| &k[..k.len() - 1])).collect();
+        let hidden = model.forward_cached(&mut fan, &inputs, Padding::Right).unwrap();
+        let logp = model.logits(&hidden).log_softmax(-1, Kind::Double);
+        for (p, row) in scores.iter_mut().enumerate() {
+            for (ci, k) in candidates.iter().enumerate() {
+                let fan_row = (p * c + ci) as i64;
+                for (t, &id) in k.iter().enumerate().skip(1) {
+                    row[ci] += logp.double_value(&[fan_row, t as i64 - 1, i64::from(id)]);
+                }
+            }
+        }
+        scores
+    }
+
+    #[test]
+    fn one_step_scoring_equals_the_per_candidate_fan_out() {
+        let model = tiny(11);
+        let prefix = model.prefix(&[3, 4, 5, 6]).unwrap();
+        // Prompts of different lengths (one empty: the prefix alone predicts), candidates of
+        // 1 to 4 tokens sharing a first token, so a mask leak between candidates would show.
+        let prompts: Vec<Vec<u32>> = vec![vec![7, 8, 9, 10, 11], vec![12], vec![], vec![13, 14, 15]];
+        let candidates: Vec<Vec<u32>> = vec![vec![20], vec![21, 22], vec![21, 23, 24], vec![25, 26, 27, 28]];
+        let one_step = model.score(Some(&prefix), &prompts, &candidates).unwrap();
+        let nonempty: Vec<Vec<u32>> =
+            prompts.iter().map(|p| if p.is_empty() { vec![30] } else { p.clone() }).collect();
+        let reference = fan_out_score(&model, &prefix, &nonempty, &candidates);
+        let one_step_nonempty = model.score(Some(&prefix), &nonempty, &candidates).unwrap();
+        for (p, row) in reference.iter().enumerate() {
+            for (ci, &lp) in row.iter().enumerate() {
+                let got = f64::from(one_step_nonempty[p][ci]);
+                assert!((got - lp).abs() < 1e-4, "prompt {p} candidate {ci}: {got} vs {lp}");
+            }
+        }
+        // Against a full forward pass of prefix ++ prompt ++ candidate (empty prompt included),
+        // and against scoring without a cached prefix.
+        for (p, prompt) in prompts.iter().enumerate() {
+            for (ci, cand) in candidates.iter().enumerate() {
+                let seq: Vec<i64> =
+                    prefix.ids().iter().chain(prompt).chain(cand).map(|&i| i64::from(i)).collect();
+                let logits =
+                    tch::no_grad(|| model.forward(&Tensor::from_slice(&seq).view([1, -1]), None)).unwrap();
+                let logp = logits.get(0).log_softmax(-1, Kind::Double);
+                let start = prefix.ids().len() + prompt.len();
+                let full: f64 = cand
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &id)| logp.double_value(&[(start + k - 1) as i64, i64::from(id)]))
+                    .sum();
+                let got = f64::from(one_step[p][ci]);
+                assert!((got - full).abs() < 1e-4, "prompt {p} candidate {ci}: {got} vs full {full}");
+            }
+            let full_prompt: Vec<u32> = prefix.ids().iter().chain(&nonempty[p]).copied().collect();
+            let alone = model.score(None, &[full_prompt], &candidates).unwrap();
+            for ci in 0..candidates.len() {
+                assert!((alone[0][ci] - one_step_nonempty[p][ci]).abs() < 1e-4, "no prefix: prompt {p} {ci}");
+            }
+        }
+    }
 
     #[test]
     fn sampling_is_seeded_and_respects_top_p() {

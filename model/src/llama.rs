@@ -439,7 +439,7 @@ impl Llama {
         let start = cache.len;
         let device = self.device();
         let mask = if cache.padded || padded_step || (start > 0 && t > 1) {
-            Some(cache.attention_mask(&valid, t, device))
+            Some(cache.attention_mask(&valid, None, t, device))
         } else {
             None
         };
@@ -477,6 +477,52 @@ impl Llama {
             _ => gathered,
         });
         Ok(hidden)
+    }
+
+    /// Runs `t` new slots per row of `cache` (`ids`, `positions` and `valid`, row-major `[B, t]`)
+    /// whose visibility among themselves is explicit rather than causal: slot `i` of row `r`
+    /// attends to every real cached slot of its row, to itself, and to the real new slots `j`
+    /// with `sees[(r * t + i) * t + j]`. Returns the final-norm hidden states `[B, t, hidden]`.
+    ///
+    /// This is how [`Llama::score`] runs a record and all its candidate continuations in one
+    /// step: each candidate starts at the position after the record and sees the record and its
+    /// own earlier tokens, never another candidate's. The new slots are not one sequence, so the
+    /// cache cannot be continued afterwards: it is consumed.
+    pub(crate) fn forward_tree(
+        &self,
+        mut cache: KvCache,
+        t: usize,
+        ids: &[i64],
+        positions: &[i64],
+        valid: &[bool],
+        sees: &[bool],
+    ) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let b = cache.batch as usize;
+        let n = b * t;
+        if t == 0 || ids.len() != n || positions.len() != n || valid.len() != n || sees.len() != n * t {
+            return Err(Error::input(format!("a tree step of {t} slots for {b} rows is malformed")));
+        }
+        if cache.len + t as i64 > cache.capacity {
+            return Err(Error::input(format!(
+                "{} cached + {t} new positions exceed the cache capacity {}",
+                cache.len, cache.capacity
+            )));
+        }
+        let vocab = self.config.vocab_size as i64;
+        if let Some(bad) = ids.iter().find(|&&id| id < 0 || id >= vocab) {
+            return Err(Error::input(format!("token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        let context = self.config.max_position_embeddings as i64;
+        if positions.iter().any(|&p| p < 0 || p >= context) {
+            return Err(Error::input("sequence exceeds the context length of the model"));
+        }
+        let device = self.device();
+        let mask = cache.attention_mask(valid, Some(sees), t as i64, device);
+        let ids = Tensor::from_slice(ids).view([b as i64, t as i64]).to_device(device);
+        let positions = Tensor::from_slice(positions).view([b as i64, t as i64]).to_device(device);
+        let x = Tensor::embedding(&self.embed_tokens, &ids, -1, false, false);
+        Ok(self.run_layers(x, &positions, Some(&mask), false, Some(&mut cache)))
     }
 
     /// Output logits `[.., vocab]` for final-norm hidden states `[.., hidden]`.
@@ -657,6 +703,13 @@ impl Llama {
         let (cos, sin) = self.rotary(positions);
         let eps = self.config.rms_norm_eps;
         let start = cache.as_ref().map_or(0, |k| k.len);
+        // Shared KV heads on the CPU: fold each group of query heads into the query length (once
+        // for every layer) instead of repeating keys and values per layer. Plain causal attention
+        // cannot be folded (the flag would mask across the group) and keeps the repeat.
+        let group = self.gqa_group();
+        let fold = group > 1 && !self.device().is_cuda() && !(causal && mask.is_none());
+        let folded = mask.filter(|_| fold).map(|m| m.repeat([1, 1, group, 1]));
+        let mask = folded.as_ref().or(mask);
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_layernorm, eps);
             let (q, k, v) = self.qkv(layer, &h, &cos, &sin);
@@ -670,7 +723,11 @@ impl Llama {
                 }
                 None => (k, v),
             };
-            let attn = self.attend(&q, &k, &v, mask, causal);
+            let attn = if fold {
+                self.attend_folded(&q, &k, &v, mask)
+            } else {
+                self.attend(&q, &k, &v, mask, causal)
+            };
             // Out of place on purpose: rms_norm saved `x` for backward, so `+=` would break training.
             x = &x + self.project(layer, O, &layer.o_proj, &attn);
             x = self.mlp(layer, x);
@@ -726,6 +783,29 @@ impl Llama {
         };
         let attn = Tensor::scaled_dot_product_attention(q, &k, &v, mask, 0.0, causal, None, gqa_kernel);
         attn.transpose(1, 2).reshape([b, t, nh * hd])
+    }
+
+    /// Query heads per KV head.
+    fn gqa_group(&self) -> i64 {
+        (self.config.num_attention_heads / self.config.num_key_value_heads.max(1)) as i64
+    }
+
+    /// Grouped-query attention without repeating keys and values: the `group` query heads that
+    /// share a KV head become one head of `group × T` queries, `[B, kv_heads, group·T, d]`, over
+    /// the unrepeated `k`, `v` `[B, kv_heads, S, d]`. `mask` is already folded the same way
+    /// (`[B, 1, group·T, S]`, row `g·T + i` = query `i`). Returns `[B, T, hidden]`.
+    ///
+    /// Same arithmetic as [`Llama::attend`] on repeated heads (each query still reduces over the
+    /// same keys), but only the queries are rearranged, not the cached keys and values of every
+    /// layer, which for a batch over a long cache is several times more memory traffic.
+    fn attend_folded(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
+        let c = &self.config;
+        let (b, t) = (q.size()[0], q.size()[2]);
+        let (nh, nkv, hd) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim as i64);
+        let group = nh / nkv;
+        let q = q.reshape([b, nkv, group * t, hd]);
+        let attn = Tensor::scaled_dot_product_attention(&q, k, v, mask, 0.0, false, None, false);
+        attn.reshape([b, nh, t, hd]).transpose(1, 2).reshape([b, t, nh * hd])
     }
 
     /// The MLP half of a block: `x + down(silu(gate(norm x)) · up(norm x))`.
@@ -905,7 +985,10 @@ impl KvCache {
             shape[2] = capacity;
             let dst = Tensor::empty(shape, (src.kind(), device));
             if self.len > 0 {
-                dst.narrow(2, 0, self.len).copy_(&src.narrow(2, 0, self.len).index_select(0, &index));
+                // One row (a shared prefix) broadcasts: one copy instead of a gather and a copy.
+                let src = src.narrow(2, 0, self.len);
+                let src = if self.batch == 1 { src } else { src.index_select(0, &index) };
+                dst.narrow(2, 0, self.len).copy_(&src);
             }
             dst
         };
@@ -931,8 +1014,9 @@ impl KvCache {
     }
 
     /// The `[B, 1, T, len + T]` boolean mask for `t` new slots whose validity is `new_valid`
-    /// (row-major `[B, T]`): causal, real keys only, and every slot may see itself.
-    fn attention_mask(&self, new_valid: &[bool], t: i64, device: Device) -> Tensor {
+    /// (row-major `[B, T]`): real keys only, and every slot may see itself. Among the new slots
+    /// it is causal, or `sees` (`[B, T, T]`: new slot `i` sees new slot `j`) when given.
+    fn attention_mask(&self, new_valid: &[bool], sees: Option<&[bool]>, t: i64, device: Device) -> Tensor {
         let (b, start) = (self.batch as usize, self.len as usize);
         let (t, s) = (t as usize, start + t as usize);
         let mut mask = vec![false; b * t * s];
@@ -941,8 +1025,12 @@ impl KvCache {
                 |j: usize| if j < start { self.valid[r][j] } else { new_valid[r * t + (j - start)] };
             for i in 0..t {
                 let row = &mut mask[(r * t + i) * s..(r * t + i + 1) * s];
-                for (j, m) in row.iter_mut().enumerate().take(start + i + 1) {
-                    *m = j == start + i || key_valid(j);
+                let visible = |j: usize| match sees {
+                    Some(sees) if j >= start => sees[(r * t + i) * t + (j - start)],
+                    _ => j <= start + i,
+                };
+                for (j, m) in row.iter_mut().enumerate() {
+                    *m = j == start + i || (visible(j) && key_valid(j));
                 }
             }
         }
@@ -951,7 +1039,7 @@ impl KvCache {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A tiny random model: small enough to build in milliseconds.

@@ -6,8 +6,9 @@
 
 - ours: `cargo bench -p llmchain-edge-agent --bench decisions` (release build). It scores
   simulated records (fixed seed) with the agent's engine at batch sizes 1, 8 and 32 (the
-  instructions' keys and values computed once per model; one padded prefill per batch;
-  candidates fanned out from the KV cache), and runs 10,000 records through the agent's summary
+  instructions' keys and values computed once per model; one padded forward step per batch
+  over the records and all their candidates, which share each record's keys and values
+  through the attention mask), and runs 10,000 records through the agent's summary
   windows for the bandwidth ratio. It exports the exact token ids it scored: the prefix, each
   record's part, each candidate ("<label><|im_end|>").
 - llama.cpp: `llama-cpp-python==0.3.36` on the same GGUF (Q4_1, as is), scoring the same token
