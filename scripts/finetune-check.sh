@@ -26,7 +26,8 @@ rm -rf "$FT_DIR"
 mkdir -p "$FT_DIR"
 $TRAINER keygen --out "$FT_DIR/trainer.key" >/dev/null
 
-target/debug/coordinator serve --listen 127.0.0.1:0 --store "embedded:$FT_DIR/state.redb" \
+# --insecure: a local, throwaway coordinator (see docs/security.md for TLS).
+target/debug/coordinator serve --insecure --listen 127.0.0.1:0 --store "embedded:$FT_DIR/state.redb" \
     --blobs "$FT_DIR/coordinator-blobs" --trainer-key "$FT_DIR/trainer.key.pub" \
     >"$FT_DIR/coordinator.out" 2>"$FT_DIR/coordinator.log" &
 COORD_PID=$!
@@ -41,12 +42,12 @@ COORD="http://$ADDR"
 echo "coordinator at $COORD"
 
 START=$(date +%s)
-$TRAINER import --gguf "$GGUF" --key "$FT_DIR/trainer.key" --coordinator "$COORD" >"$FT_DIR/import.json"
+$TRAINER import --insecure --gguf "$GGUF" --key "$FT_DIR/trainer.key" --coordinator "$COORD" >"$FT_DIR/import.json"
 $TRAINER data --seed 1 --count "$TRAIN_N" --out "$FT_DIR/train.jsonl"
 $TRAINER data --seed 2 --count "$HELD_N" --out "$FT_DIR/held.jsonl"
 head -n "$LORA_TRAIN_N" "$FT_DIR/train.jsonl" >"$FT_DIR/train-lora.jsonl"
 
-common=(--from-version 1 --key "$FT_DIR/trainer.key" --coordinator "$COORD" --blob-cache "$FT_DIR/trainer-blobs"
+common=(--insecure --from-version 1 --key "$FT_DIR/trainer.key" --coordinator "$COORD" --blob-cache "$FT_DIR/trainer-blobs"
         --eval "$FT_DIR/held.jsonl" --checkpoint-every 50)
 t0=$(date +%s)
 $TRAINER train --mode last-layers:2 --data "$FT_DIR/train.jsonl" --epochs "$EPOCHS" --lr "${LAST_LR:-3e-4}" \

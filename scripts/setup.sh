@@ -31,6 +31,8 @@ command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 # Release packaging (scripts/release.sh rewrites the rpath) and the systemd unit check.
 command -v patchelf >/dev/null 2>&1 || need_apt+=(patchelf)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+# The dashboard test loads the page in a real headless browser.
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if ((${#need_apt[@]})); then
   log "installing Debian packages: ${need_apt[*]}"
   if [[ $(id -u) -ne 0 ]]; then sudo=sudo; else sudo=; fi

@@ -24,6 +24,20 @@ pub enum Error {
     /// The signature names a key that is not trusted.
     #[error("signing key {0} is not trusted")]
     UnknownKey(String),
+    /// The signature names a key that a trust document revoked.
+    #[error("signing key {0} is revoked")]
+    RevokedKey(String),
+    /// A trust document is not newer than the one already held.
+    #[error("trust document version {got} is not newer than the held version {have}")]
+    StaleTrustDocument {
+        /// Version held.
+        have: u64,
+        /// Version offered.
+        got: u64,
+    },
+    /// A trust document or rollback statement is malformed, mismatched or expired.
+    #[error("{0}")]
+    Statement(String),
     /// The signature does not verify against the named trusted key.
     #[error("signature does not verify against key {0}")]
     BadSignature(String),
@@ -66,7 +80,10 @@ impl From<Error> for ApiError {
         match err {
             Error::Invalid(api) => api,
             Error::Decode(_) | Error::NotCanonical(_) => ApiError::invalid("manifest", err.to_string()),
-            Error::UnknownKey(_) | Error::BadSignature(_) => ApiError::PermissionDenied(err.to_string()),
+            Error::UnknownKey(_) | Error::BadSignature(_) | Error::RevokedKey(_) | Error::Statement(_) => {
+                ApiError::PermissionDenied(err.to_string())
+            }
+            Error::StaleTrustDocument { .. } => ApiError::FailedPrecondition(err.to_string()),
             Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => ApiError::DataLoss(err.to_string()),
             Error::Key { .. } | Error::Safetensors(_) | Error::Io(_) => ApiError::Internal(err.to_string()),
         }

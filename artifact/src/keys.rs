@@ -10,12 +10,13 @@
 //! so no byte of an unsigned manifest is ever interpreted.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fmt,
     fs::OpenOptions,
     io::Write,
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::Path,
+    sync::{Arc, PoisonError, RwLock},
 };
 
 use ed25519_dalek::{Signature, Signer};
@@ -83,6 +84,10 @@ impl SigningKey {
         PublicKey(self.0.verifying_key())
     }
 
+    pub(crate) fn raw(&self) -> &ed25519_dalek::SigningKey {
+        &self.0
+    }
+
     /// Signs the canonical bytes of `manifest`.
     pub fn sign(&self, manifest: &Manifest) -> SignedManifest {
         let bytes = manifest.canonical_bytes();
@@ -110,6 +115,10 @@ impl PublicKey {
         })
     }
 
+    pub(crate) fn raw(&self) -> &ed25519_dalek::VerifyingKey {
+        &self.0
+    }
+
     /// The 32 key bytes.
     pub fn to_bytes(&self) -> [u8; 32] {
         self.0.to_bytes()
@@ -135,34 +144,86 @@ impl PublicKey {
     }
 }
 
-/// The set of public keys whose signatures are accepted, by key id.
+/// The set of public keys whose signatures are accepted, by key id, and the key ids that are
+/// revoked. Clones share one set, so a key rotation applied through one (see
+/// [`crate::trust::TrustStore`]) is seen at once by every holder: the syncer, the cache.
 #[derive(Debug, Clone, Default)]
-pub struct TrustedKeys(HashMap<String, PublicKey>);
+pub struct TrustedKeys(Arc<RwLock<KeySet>>);
+
+#[derive(Debug, Default)]
+struct KeySet {
+    keys: HashMap<String, PublicKey>,
+    revoked: HashSet<String>,
+}
 
 impl TrustedKeys {
     /// A set holding `keys`.
     pub fn new(keys: impl IntoIterator<Item = PublicKey>) -> Self {
-        TrustedKeys(keys.into_iter().map(|k| (k.key_id(), k)).collect())
+        let keys = keys.into_iter().map(|k| (k.key_id(), k)).collect();
+        TrustedKeys(Arc::new(RwLock::new(KeySet { keys, revoked: HashSet::new() })))
     }
 
-    /// Adds a key.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, KeySet> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds a key (unless it is revoked).
     pub fn insert(&mut self, key: PublicKey) {
-        self.0.insert(key.key_id(), key);
+        let mut set = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        if !set.revoked.contains(&key.key_id()) {
+            set.keys.insert(key.key_id(), key);
+        }
+    }
+
+    /// Replaces the trusted keys with `keys` and adds `revoked` to the revoked ids, which are
+    /// never trusted again.
+    pub fn rotate(
+        &self,
+        keys: impl IntoIterator<Item = PublicKey>,
+        revoked: impl IntoIterator<Item = String>,
+    ) {
+        let mut set = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        set.revoked.extend(revoked);
+        let revoked = &set.revoked;
+        let keys =
+            keys.into_iter().filter(|k| !revoked.contains(&k.key_id())).map(|k| (k.key_id(), k)).collect();
+        set.keys = keys;
     }
 
     /// Number of keys.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.read().keys.len()
     }
 
     /// Whether no key is trusted (then nothing verifies).
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.read().keys.is_empty()
+    }
+
+    /// Ids of the trusted keys, sorted.
+    pub fn key_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.read().keys.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Whether `key_id` is revoked.
+    pub fn is_revoked(&self, key_id: &str) -> bool {
+        self.read().revoked.contains(key_id)
+    }
+
+    /// The trusted key `key_id`; revoked and unknown keys are errors.
+    pub fn get(&self, key_id: &str) -> Result<PublicKey> {
+        let set = self.read();
+        if set.revoked.contains(key_id) {
+            return Err(Error::RevokedKey(key_id.to_string()));
+        }
+        set.keys.get(key_id).copied().ok_or_else(|| Error::UnknownKey(key_id.to_string()))
     }
 
     /// Verifies the signature over the exact bytes, then decodes them canonically.
     pub fn verify(&self, signed: &SignedManifest) -> Result<Manifest> {
-        let key = self.0.get(&signed.key_id).ok_or_else(|| Error::UnknownKey(signed.key_id.clone()))?;
+        let key = self.get(&signed.key_id)?;
         let signature = Signature::from_bytes(&signed.signature);
         // verify_strict also rejects small-order keys and malleable signatures.
         key.0

@@ -1,6 +1,7 @@
 //! `cloud-trainer`: fine-tunes models and publishes them. Parses configuration and wires; the
 //! logic lives in the library crates.
 
+use llmchain_runtime::tls::ClientTlsArgs;
 use std::{io::Write, path::PathBuf, time::Instant};
 
 use anyhow::Context;
@@ -9,7 +10,7 @@ use llmchain_artifact::{BlobDir, Manifest, ModelRef, SigningKey, TrainingMetadat
 use llmchain_cloud_trainer::{
     data::{self, Dataset, Example},
     pipeline::{self, RunReport},
-    publish::Publisher,
+    publish::{self, Publisher},
     remote,
     train::{self, CheckpointConfig, Mode, TrainConfig},
     version,
@@ -66,6 +67,11 @@ enum Command {
         /// Coordinator gRPC address.
         #[arg(long, env = "LLMCHAIN_COORDINATOR", default_value = "http://127.0.0.1:7400")]
         coordinator: String,
+        /// Agents refuse the signed manifest this long after it is created: 30d, 12h, 90m.
+        #[arg(long, env = "LLMCHAIN_MANIFEST_TTL", default_value = "30d", value_parser = publish::parse_ttl)]
+        manifest_ttl: std::time::Duration,
+        #[command(flatten)]
+        tls: ClientTlsArgs,
     },
     /// Generate labelled telemetry records (shared/TASK.md) as JSON lines: each line is a record
     /// plus its rule label in "label". The same seed, count, mix and shift give the same file.
@@ -180,6 +186,11 @@ struct Common {
     /// Coordinator gRPC address.
     #[arg(long, env = "LLMCHAIN_COORDINATOR", default_value = "http://127.0.0.1:7400")]
     coordinator: String,
+    /// Agents refuse the signed manifest this long after it is created: 30d, 12h, 90m.
+    #[arg(long, env = "LLMCHAIN_MANIFEST_TTL", default_value = "30d", value_parser = publish::parse_ttl)]
+    manifest_ttl: std::time::Duration,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
     /// Do not publish; with --save-dir the version is still written locally.
     #[arg(long)]
     no_publish: bool,
@@ -259,10 +270,11 @@ async fn main() -> anyhow::Result<()> {
                 })
             );
         }
-        Command::Import { gguf, model, dtype, key, coordinator } => {
+        Command::Import { gguf, model, dtype, key, coordinator, manifest_ttl, tls } => {
             let name = ModelName::parse("model", &model)?;
             let key = SigningKey::load(&key).with_context(|| format!("cannot load key {}", key.display()))?;
-            let mut publisher = Publisher::connect(&coordinator).await?;
+            let mut publisher =
+                Publisher::connect_with(&coordinator, &tls.transport("cloud-trainer")?).await?;
             let version = publisher.latest_version(&model).await?.map_or(1, |v| v + 1);
             let id = ModelRef { model: name, version };
             let (gguf_path, device) = (gguf.clone(), tch::Device::Cpu);
@@ -284,7 +296,7 @@ async fn main() -> anyhow::Result<()> {
                 Ok(version::build(&llama, &tokenizer, id, 0, dtype, training)?)
             })
             .await??;
-            let signed = key.sign(&build.manifest);
+            let signed = publish::sign_with_expiry(&key, &build.manifest, manifest_ttl);
             let report = publisher.publish(&build.blobs, &signed, &build.manifest.id).await?;
             println!(
                 "{}",
@@ -366,8 +378,15 @@ async fn load_start(c: &Common) -> anyhow::Result<Start> {
     if let Some(version) = c.from_version {
         let key = c.key.as_ref().context("--from-version needs --key to verify the version")?;
         let public = SigningKey::load(key)?.public();
-        let manifest =
-            remote::pull_version(&c.coordinator, &c.model, version, &public, &c.blob_cache).await?;
+        let manifest = remote::pull_version(
+            &c.coordinator,
+            &c.tls.transport("cloud-trainer")?,
+            &c.model,
+            version,
+            &public,
+            &c.blob_cache,
+        )
+        .await?;
         let blobs = BlobDir(c.blob_cache.clone());
         let (model, tokenizer) = pipeline::load_for_training(&manifest, &blobs, device)?;
         return Ok(Start { model, tokenizer, parent: Some(manifest) });
@@ -411,8 +430,11 @@ async fn finish(
 ) -> anyhow::Result<Option<serde_json::Value>> {
     let Start { model, tokenizer, parent } = start;
     let name = llmchain_proto::model::ModelName::parse("model", &c.model)?;
-    let mut publisher =
-        if publish && !c.no_publish { Some(Publisher::connect(&c.coordinator).await?) } else { None };
+    let mut publisher = if publish && !c.no_publish {
+        Some(Publisher::connect_with(&c.coordinator, &c.tls.transport("cloud-trainer")?).await?)
+    } else {
+        None
+    };
     let latest = match publisher.as_mut() {
         Some(p) => p.latest_version(&c.model).await?.unwrap_or(0),
         None => parent.as_ref().map_or(0, |p| p.id.version),
@@ -454,7 +476,7 @@ async fn finish(
         let key_path = c.key.as_ref().context("publishing needs --key")?;
         let key =
             SigningKey::load(key_path).with_context(|| format!("cannot load key {}", key_path.display()))?;
-        let signed = key.sign(&build.manifest);
+        let signed = publish::sign_with_expiry(&key, &build.manifest, c.manifest_ttl);
         let report = p.publish(&build.blobs, &signed, &build.manifest.id).await?;
         summary["published"] = true.into();
         summary["uploaded_bytes"] = report.uploaded_bytes.into();
@@ -569,14 +591,16 @@ async fn incremental_command(args: IncrementalArgs) -> anyhow::Result<()> {
     let mode: Mode = c.mode.parse()?;
     // Hard examples: agents' summaries (and an optional file), labelled by the task rules read
     // back from the preprocessed text; texts that do not read back (truncated) are skipped.
-    let mut texts: Vec<String> = match remote::hard_examples(&c.coordinator, &c.model, args.summaries).await {
-        Ok(h) => h.into_iter().map(|h| h.text).collect(),
-        Err(e) if args.hard_file.is_some() => {
-            tracing::warn!(error = %e, "cannot list summaries; using --hard-file only");
-            Vec::new()
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let transport = c.tls.transport("cloud-trainer")?;
+    let mut texts: Vec<String> =
+        match remote::hard_examples(&c.coordinator, &transport, &c.model, args.summaries).await {
+            Ok(h) => h.into_iter().map(|h| h.text).collect(),
+            Err(e) if args.hard_file.is_some() => {
+                tracing::warn!(error = %e, "cannot list summaries; using --hard-file only");
+                Vec::new()
+            }
+            Err(e) => return Err(e.into()),
+        };
     if let Some(path) = &args.hard_file {
         for line in
             std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?.lines()

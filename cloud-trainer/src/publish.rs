@@ -10,9 +10,43 @@ use std::collections::BTreeMap;
 use indicatif::{ProgressBar, ProgressStyle};
 use llmchain_artifact::{Digest, ModelRef, SignedManifest};
 use llmchain_proto::{ApiError, pb, pb::registry_client::RegistryClient};
-use tonic::transport::{Channel, Endpoint};
+use llmchain_runtime::telemetry::{TracedChannel, traced};
+use llmchain_runtime::tls::Transport;
 
 use crate::{Error, Result};
+
+/// Default lifetime of a signed manifest (`--manifest-ttl`): agents refuse it afterwards, so a
+/// coordinator cannot keep an old version alive forever by serving it.
+pub const DEFAULT_MANIFEST_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+
+/// Signs `manifest` with its expiry set `ttl` after its creation.
+pub fn sign_with_expiry(
+    key: &llmchain_artifact::SigningKey,
+    manifest: &llmchain_artifact::Manifest,
+    ttl: std::time::Duration,
+) -> SignedManifest {
+    let mut manifest = manifest.clone();
+    manifest.expires_at = Some(manifest.created_at + ttl);
+    key.sign(&manifest)
+}
+
+/// Parses a manifest lifetime: `30d`, `12h`, `90m`, `3600s` (a bare number is seconds).
+pub fn parse_ttl(s: &str) -> std::result::Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let n: u64 = t[..split].parse().map_err(|_| format!("{s:?} is not a number with s, m, h or d"))?;
+    let secs = match &t[split..] {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        other => return Err(format!("unit {other:?} is not s, m, h or d")),
+    };
+    if secs == 0 {
+        return Err("must be positive".into());
+    }
+    Ok(std::time::Duration::from_secs(secs))
+}
 
 /// Bytes per upload message.
 const CHUNK_BYTES: usize = 1 << 20;
@@ -34,21 +68,28 @@ pub struct PublishReport {
 
 /// A registry client for the trainer.
 pub struct Publisher {
-    client: RegistryClient<Channel>,
+    client: RegistryClient<TracedChannel>,
 }
 
 impl Publisher {
     /// Connects to the coordinator at `url` (e.g. `http://127.0.0.1:7400`).
     pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, &Transport::Insecure).await
+    }
+
+    /// Connects to the coordinator at `url` over `transport` (mutual TLS or `--insecure`).
+    pub async fn connect_with(url: &str, transport: &Transport) -> Result<Self> {
         let connect = |message: String| Error::Connect { url: url.to_string(), message };
-        let channel = Endpoint::from_shared(url.to_string())
+        let channel = transport
+            .endpoint(url)
             .map_err(|e| connect(e.to_string()))?
             .initial_stream_window_size(16 << 20)
             .initial_connection_window_size(16 << 20)
             .connect()
             .await
             .map_err(|e| connect(e.to_string()))?;
-        let client = RegistryClient::new(channel).max_decoding_message_size(64 << 20);
+        // Every call carries the caller's trace context: the coordinator's spans join the publish.
+        let client = RegistryClient::new(traced(channel)).max_decoding_message_size(64 << 20);
         Ok(Publisher { client })
     }
 
@@ -59,6 +100,7 @@ impl Publisher {
     }
 
     /// Uploads the blobs the coordinator lacks, then publishes `signed`.
+    #[tracing::instrument(name = "publish", skip_all, fields(%id, blobs = blobs.len()))]
     pub async fn publish(
         &mut self,
         blobs: &BTreeMap<Digest, Vec<u8>>,
@@ -115,6 +157,7 @@ impl Publisher {
         })
     }
 
+    #[tracing::instrument(name = "upload", skip(self, bytes), fields(%digest, size = bytes.len()))]
     async fn upload(&mut self, digest: &Digest, bytes: &[u8]) -> Result<()> {
         let total_size = bytes.len() as u64;
         let digest_str = digest.to_string();

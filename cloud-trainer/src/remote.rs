@@ -11,18 +11,22 @@ use std::path::Path;
 use futures::StreamExt;
 use llmchain_artifact::{BlobDir, Manifest, PublicKey, SignedManifest, TrustedKeys};
 use llmchain_proto::{ApiError, pb, pb::fleet_client::FleetClient, pb::registry_client::RegistryClient};
-use tonic::transport::{Channel, Endpoint};
+use llmchain_runtime::telemetry::{TracedChannel, traced};
+use llmchain_runtime::tls::Transport;
 
 use crate::{Error, Result};
 
-async fn channel(url: &str) -> Result<Channel> {
+/// A channel whose calls carry the caller's trace context.
+async fn channel(url: &str, transport: &Transport) -> Result<TracedChannel> {
     let connect = |message: String| Error::Connect { url: url.to_string(), message };
-    Endpoint::from_shared(url.to_string())
+    transport
+        .endpoint(url)
         .map_err(|e| connect(e.to_string()))?
         .initial_stream_window_size(16 << 20)
         .initial_connection_window_size(16 << 20)
         .connect()
         .await
+        .map(traced)
         .map_err(|e| connect(e.to_string()))
 }
 
@@ -30,12 +34,13 @@ async fn channel(url: &str) -> Result<Channel> {
 /// not already there, and returns its manifest after checking its signature against `key`.
 pub async fn pull_version(
     url: &str,
+    transport: &Transport,
     model: &str,
     version: u64,
     key: &PublicKey,
     blobs: &Path,
 ) -> Result<Manifest> {
-    let mut client = RegistryClient::new(channel(url).await?).max_decoding_message_size(64 << 20);
+    let mut client = RegistryClient::new(channel(url, transport).await?).max_decoding_message_size(64 << 20);
     let answer = client
         .get_manifest(pb::GetManifestRequest { model: model.to_string(), version })
         .await
@@ -100,8 +105,13 @@ pub struct HardExample {
 }
 
 /// The hard examples of the newest `limit` summaries (of `model` when not empty), newest first.
-pub async fn hard_examples(url: &str, model: &str, limit: u32) -> Result<Vec<HardExample>> {
-    let mut client = FleetClient::new(channel(url).await?).max_decoding_message_size(64 << 20);
+pub async fn hard_examples(
+    url: &str,
+    transport: &Transport,
+    model: &str,
+    limit: u32,
+) -> Result<Vec<HardExample>> {
+    let mut client = FleetClient::new(channel(url, transport).await?).max_decoding_message_size(64 << 20);
     let request = pb::ListSummariesRequest {
         agent_id: String::new(),
         model: (!model.is_empty()).then(|| pb::ModelRef { model: model.to_string(), version: 0 }),

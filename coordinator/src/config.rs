@@ -13,6 +13,11 @@ pub struct ServeArgs {
     /// Address of the gRPC listener [default: 127.0.0.1:7400].
     #[arg(long, env = "LLMCHAIN_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// Address of the HTTP listener: the dashboard on `/`, Prometheus `/metrics`, `/healthz`
+    /// and the dashboard's `/api/*` [default: 127.0.0.1:9090, skipped with a warning when that
+    /// port is taken; an address given explicitly must be free].
+    #[arg(long, env = "LLMCHAIN_HTTP_LISTEN", value_name = "ADDR")]
+    pub http_listen: Option<SocketAddr>,
     /// Deadline of one unary RPC, in seconds [default: 30].
     #[arg(long, env = "LLMCHAIN_REQUEST_TIMEOUT_S", value_name = "SECS")]
     pub request_timeout_s: Option<u64>,
@@ -59,6 +64,30 @@ pub struct ServeArgs {
     /// name [default: coordinator-HEX, with 16 random hex digits].
     #[arg(long, env = "LLMCHAIN_COORDINATOR_ID", value_name = "NAME")]
     pub coordinator_id: Option<String>,
+    /// Directory of the CA, the serving certificate and the first operator identity
+    /// (`admin.pem`/`admin.key`), generated on first start and reused after; private keys are
+    /// 0600 [default: llmchain-data/tls].
+    #[arg(long, env = "LLMCHAIN_TLS_DIR", value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Name or IP address the serving certificate is valid for; repeat the flag (or separate
+    /// with commas) for several. Used when the certificate is generated [default:
+    /// localhost,127.0.0.1].
+    #[arg(long, env = "LLMCHAIN_TLS_SANS", value_name = "NAME", value_delimiter = ',')]
+    pub tls_san: Option<Vec<String>>,
+    /// Lifetime of the certificates issued at enrollment, e.g. `30d`, `12h` [default: 30d].
+    #[arg(long, env = "LLMCHAIN_CERT_VALIDITY", value_name = "DURATION")]
+    pub cert_validity: Option<String>,
+    /// Serve plaintext gRPC without identities or authorization: for local development only,
+    /// never on a network you do not control.
+    #[arg(long, env = "LLMCHAIN_INSECURE", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub insecure: Option<bool>,
+    /// Requests per second each identity (agent, trainer, operator) may make; more are refused
+    /// with RESOURCE_EXHAUSTED. A stream counts once, when it opens [default: 200].
+    #[arg(long, env = "LLMCHAIN_RATE_LIMIT_RPS", value_name = "N")]
+    pub rate_limit_rps: Option<u32>,
+    /// Requests an identity may make at once after a quiet period [default: 1000].
+    #[arg(long, env = "LLMCHAIN_RATE_LIMIT_BURST", value_name = "N")]
+    pub rate_limit_burst: Option<u32>,
 }
 
 /// Validated settings of `coordinator serve`.
@@ -66,6 +95,11 @@ pub struct ServeArgs {
 pub struct ServeSettings {
     /// gRPC listen address.
     pub listen: SocketAddr,
+    /// HTTP (dashboard, `/metrics`) listen address.
+    pub http_listen: SocketAddr,
+    /// True when `http_listen` is the default rather than configured: a busy port is then
+    /// only a warning, so several coordinators on one machine still start.
+    pub http_listen_defaulted: bool,
     /// RPC limits.
     pub limits: Limits,
     /// State store spec.
@@ -82,12 +116,17 @@ pub struct ServeSettings {
     pub controller: ControllerConfig,
     /// This coordinator's name in elections and histories.
     pub coordinator_id: String,
+    /// TLS settings; `None` with `--insecure`.
+    pub tls: Option<crate::pki::TlsSettings>,
+    /// Requests each identity may make.
+    pub rate_limit: crate::auth::RateLimit,
 }
 
 impl ServeArgs {
     /// Layers flags/env over the optional file and fills defaults.
     pub fn resolve(&self, file: Option<&std::path::Path>) -> anyhow::Result<ServeSettings> {
         let merged: ServeArgs = llmchain_runtime::config::load(self, file)?;
+        let tls = tls_settings(&merged)?;
         let defaults = Limits::default();
         let limits = Limits {
             request_timeout: merged
@@ -144,6 +183,17 @@ impl ServeArgs {
             controller.lease_ttl >= Duration::from_secs(1),
             "controller_lease_ttl_ms must be at least 1000"
         );
+        let rate_defaults = crate::auth::RateLimit::default();
+        let nonzero = |v: Option<u32>, default: std::num::NonZeroU32, what: &str| match v {
+            None => Ok(default),
+            Some(v) => {
+                std::num::NonZeroU32::new(v).ok_or_else(|| anyhow::anyhow!("{what} must be at least 1"))
+            }
+        };
+        let rate_limit = crate::auth::RateLimit {
+            per_second: nonzero(merged.rate_limit_rps, rate_defaults.per_second, "rate_limit_rps")?,
+            burst: nonzero(merged.rate_limit_burst, rate_defaults.burst, "rate_limit_burst")?,
+        };
         let coordinator_id =
             merged.coordinator_id.unwrap_or_else(|| format!("coordinator-{}", crate::fleet::fresh_id()));
         anyhow::ensure!(
@@ -154,6 +204,8 @@ impl ServeArgs {
         );
         Ok(ServeSettings {
             listen: merged.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7400))),
+            http_listen: merged.http_listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
+            http_listen_defaulted: merged.http_listen.is_none(),
             limits,
             store: merged.store.unwrap_or_else(|| "embedded:llmchain-data/state.redb".into()),
             blobs: merged.blobs.unwrap_or_else(|| "llmchain-data/blobs".into()),
@@ -162,8 +214,32 @@ impl ServeArgs {
             fleet,
             controller,
             coordinator_id,
+            tls,
+            rate_limit,
         })
     }
+}
+
+fn tls_settings(merged: &ServeArgs) -> anyhow::Result<Option<crate::pki::TlsSettings>> {
+    if merged.insecure.unwrap_or(false) {
+        return Ok(None);
+    }
+    let cert_validity = match &merged.cert_validity {
+        Some(text) => humantime::parse_duration(text)
+            .map_err(|e| anyhow::anyhow!("cert_validity {text:?} is not a duration like 30d or 12h: {e}"))?,
+        None => Duration::from_secs(30 * 24 * 3600),
+    };
+    anyhow::ensure!(cert_validity >= Duration::from_secs(60), "cert_validity must be at least 1m");
+    let sans = merged.tls_san.clone().unwrap_or_else(|| vec!["localhost".into(), "127.0.0.1".into()]);
+    anyhow::ensure!(
+        !sans.is_empty() && sans.iter().all(|s| !s.trim().is_empty()),
+        "tls_san must not be empty"
+    );
+    Ok(Some(crate::pki::TlsSettings {
+        dir: merged.tls_dir.clone().unwrap_or_else(|| "llmchain-data/tls".into()),
+        sans: sans.iter().map(|s| s.trim().to_string()).collect(),
+        cert_validity,
+    }))
 }
 
 /// Path of the config file from `--config` / `LLMCHAIN_CONFIG`.

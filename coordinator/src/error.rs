@@ -40,6 +40,9 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// TLS material (CA, certificates, keys) is missing, unreadable or cannot be made.
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 impl From<Error> for ApiError {
@@ -55,6 +58,7 @@ impl From<Error> for ApiError {
             Error::InvalidStoreSpec { spec, reason } => {
                 ApiError::invalid("store", format!("{spec:?}: {reason}"))
             }
+            err @ Error::Tls(_) => ApiError::Internal(err.to_string()),
         }
     }
 }

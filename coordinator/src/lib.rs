@@ -2,10 +2,14 @@
 //! sessions, and drives rollouts. It never links libtorch: artifacts are validated from the
 //! manifest and the safetensors layout alone.
 
+pub mod auth;
 pub mod blobs;
 pub mod config;
 pub mod error;
 pub mod fleet;
+pub mod http;
+pub mod metrics;
+pub mod pki;
 pub mod registry;
 pub mod rollout;
 pub mod server;

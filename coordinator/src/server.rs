@@ -1,8 +1,10 @@
 //! Wires the gRPC services, health, reflection and middleware into one server.
 //!
 //! Layer order follows tonic's own stack (see STYLE.md): a span per request (with the W3C
-//! trace context of the caller as parent) → limits (per-request timeout, per-connection
-//! concurrency, global load shedding) → the services. Health and reflection are always
+//! trace context of the caller as parent) → authorization ([`crate::auth`]: identity,
+//! revocation, role, per-identity rate) → limits (per-request timeout, per-connection
+//! concurrency, global load shedding) → the services. (tonic applies its own timeout and
+//! per-connection limit around every user layer, so those two run before authorization.) Health and reflection are always
 //! served; reflection advertises exactly the services that were added, and health reports
 //! each of them SERVING until shutdown begins.
 
@@ -47,6 +49,7 @@ pub struct ServiceSet {
     routes: RoutesBuilder,
     names: Vec<&'static str>,
     health: HealthReporter,
+    auth: Option<crate::auth::AuthLayer>,
 }
 
 impl Default for ServiceSet {
@@ -54,7 +57,7 @@ impl Default for ServiceSet {
         let (health, health_service) = tonic_health::server::health_reporter();
         let mut routes = RoutesBuilder::default();
         routes.add_service(health_service);
-        ServiceSet { routes, names: Vec::new(), health }
+        ServiceSet { routes, names: Vec::new(), health, auth: None }
     }
 }
 
@@ -78,6 +81,13 @@ impl ServiceSet {
         self
     }
 
+    /// Puts `auth` in front of every service (after the request span, before the limits).
+    /// Without it nothing is checked, as with `--insecure`.
+    pub fn authorize(&mut self, auth: crate::auth::AuthLayer) -> &mut Self {
+        self.auth = Some(auth);
+        self
+    }
+
     /// Names of the services added so far.
     pub fn names(&self) -> &[&'static str] {
         &self.names
@@ -97,8 +107,24 @@ pub async fn serve(
     limits: Limits,
     shutdown: CancellationToken,
 ) -> crate::Result<()> {
+    serve_with_tls(listener, services, limits, None, shutdown).await
+}
+
+/// Like [`serve`], over TLS when `tls` is given (see [`crate::pki::TlsMaterial::server_config`]):
+/// tonic then puts the peer's verified certificate chain into every request's extensions
+/// (`TlsConnectInfo`, read with `Request::peer_certs`), where the authorization layer finds it.
+pub async fn serve_with_tls(
+    listener: TcpListener,
+    services: ServiceSet,
+    limits: Limits,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    shutdown: CancellationToken,
+) -> crate::Result<()> {
     let addr = listener.local_addr()?;
-    let ServiceSet { mut routes, names, health } = services;
+    let ServiceSet { mut routes, names, health, auth } = services;
+    if tls.is_some() && auth.is_none() {
+        tracing::warn!("serving tls without the authorization layer: every rpc is allowed");
+    }
 
     let mut reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(llmchain_proto::FILE_DESCRIPTOR_SET)
@@ -119,7 +145,7 @@ pub async fn serve(
     routes.add_service(reflection);
     let routes: Routes = routes.routes();
 
-    tracing::info!(%addr, services = ?names, "coordinator serving");
+    tracing::info!(%addr, services = ?names, tls = tls.is_some(), "coordinator serving");
     let drain = {
         let health = health.clone();
         let names = names.clone();
@@ -134,7 +160,12 @@ pub async fn serve(
         }
     };
 
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder =
+            builder.tls_config(tls).map_err(|e| crate::Error::Tls(format!("server tls config: {e}")))?;
+    }
+    builder
         // Large windows keep blob streams from stalling on flow control over fast links.
         .initial_stream_window_size(crate::registry::grpc::H2_WINDOW_BYTES)
         .initial_connection_window_size(crate::registry::grpc::H2_WINDOW_BYTES)
@@ -142,6 +173,7 @@ pub async fn serve(
         .max_frame_size(Some(crate::registry::grpc::H2_MAX_FRAME_BYTES))
         .timeout(limits.request_timeout)
         .concurrency_limit_per_connection(limits.per_connection_concurrency)
+        .layer(tower::util::option_layer(auth))
         .layer(tower::load_shed::LoadShedLayer::new())
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limits.global_concurrency))
         .trace_fn(|req| {

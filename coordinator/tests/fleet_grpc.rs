@@ -549,16 +549,21 @@ async fn watch_summaries_delivers_new_matching_summaries() {
 }
 
 #[tokio::test]
-async fn security_rpcs_are_unimplemented_for_now() {
+async fn security_rpcs_without_a_ca_or_authorization_layer() {
     let (coord, _dir) = Coordinator::embedded(FleetConfig::default()).await;
     let mut client = coord.client().await;
+    // No CA configured: nothing to enroll with.
     let err = client.enroll(pb::EnrollRequest::default()).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("security"), "{err:?}");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // Requests are validated before anything else.
     let err = client.create_bootstrap_token(pb::CreateBootstrapTokenRequest::default()).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     let err = client.revoke_agent(pb::RevokeAgentRequest::default()).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // A valid revocation needs the authorization layer, which this bare server lacks.
+    let req = pb::RevokeAgentRequest { agent_id: "agent-1".into(), reason: String::new() };
+    let err = client.revoke_agent(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
     coord.shutdown().await;
 }
 

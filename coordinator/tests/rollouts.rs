@@ -554,7 +554,11 @@ async fn operators_pause_resume_and_roll_back_over_grpc() {
     let (coord, _store, _dir) = Coordinator::embedded().await;
     let agents = start_agents(&coord, 3, &Behavior::default()).await;
     let mut client = coord.rollouts().await;
-    let action = |id: &str, reason: &str| pb::RolloutAction { id: id.into(), reason: reason.into() };
+    let action = |id: &str, reason: &str| pb::RolloutAction {
+        id: id.into(),
+        reason: reason.into(),
+        ..Default::default()
+    };
 
     // Refusals first: nothing matches, an unpublished version, the probe gate.
     let none = pb::CreateRolloutRequest { selector: "site=nowhere".into(), ..request(vec![step(0, 100, 0)]) };

@@ -5,7 +5,11 @@
 //! field for field by [`json`]. A coordinator that cannot be reached exits with code 2 (as
 //! does a usage error); any other failure exits with code 1.
 
+mod agent;
 mod json;
+mod keys;
+mod tls;
+mod token;
 
 use std::{
     fmt,
@@ -18,9 +22,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use llmchain_proto::pb::{
     self, fleet_client::FleetClient, registry_client::RegistryClient, rollouts_client::RolloutsClient,
 };
+use llmchain_runtime::telemetry::{self, TracedChannel};
 use serde::Serialize;
 use serde_json::Value;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use tonic_reflection::pb::v1::{
     ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
@@ -34,9 +39,11 @@ use tonic_reflection::pb::v1::{
 #[derive(Debug, Parser)]
 #[command(name = "llmchainctl", version, about, long_about)]
 struct Cli {
-    /// Coordinator gRPC address.
-    #[arg(long, global = true, env = "LLMCHAIN_COORDINATOR", default_value = "http://127.0.0.1:7400")]
-    coordinator: String,
+    /// Coordinator address and TLS identity (flags > LLMCHAIN_* > ctl.toml).
+    #[command(flatten)]
+    connect: tls::ConnectArgs,
+    #[command(flatten)]
+    config: tls::ConfigArg,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -91,7 +98,23 @@ enum Command {
         /// Allow moving agents to an older version on purpose.
         #[arg(long)]
         rollback: bool,
+        /// With --rollback: the trainer-signed statement agents require to go back to this
+        /// version (`llmchainctl keys sign-rollback`).
+        #[arg(long, value_name = "FILE", requires = "rollback")]
+        rollback_statement: Option<std::path::PathBuf>,
     },
+    /// Offline root key, key-rotation documents and rollback statements.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+    /// Single-use bootstrap tokens for enrolling agents, trainers and operators.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Agent identities: revoke a certificate (Fleet.RevokeAgent).
+    #[command(subcommand)]
+    Agent(agent::AgentCommand),
+    /// Enroll this operator or trainer with a bootstrap token: a key made here, a certificate
+    /// from the coordinator's CA, written with a ctl.toml that uses them.
+    Enroll(tls::EnrollArgs),
     /// Create, inspect and steer staged rollouts (Rollouts service).
     #[command(subcommand)]
     Rollout(RolloutCommand),
@@ -149,8 +172,10 @@ enum RolloutCommand {
     Pause(ActionArgs),
     /// Resume a paused rollout.
     Resume(ActionArgs),
-    /// Stop a rollout and move every updated agent back to its previous version.
-    Rollback(ActionArgs),
+    /// Stop a rollout and move every updated agent back to its previous version. Agents
+    /// accept the move only with a trainer-signed rollback statement (--statement); given for
+    /// a rollout already rolled back, it sends the rollback again with the statement.
+    Rollback(RollbackArgs),
 }
 
 #[derive(Debug, Args)]
@@ -201,6 +226,27 @@ struct ActionArgs {
     reason: String,
 }
 
+#[derive(Debug, Args)]
+struct RollbackArgs {
+    #[command(flatten)]
+    action: ActionArgs,
+    /// Rollback statement for the previous version (`llmchainctl keys sign-rollback`).
+    #[arg(long, value_name = "FILE")]
+    statement: Option<std::path::PathBuf>,
+}
+
+/// `keys publish`: sends a root-signed trust document to the coordinator.
+async fn keys_publish(conn: tls::Connection, timeout: u64, command: keys::KeysCommand) -> anyhow::Result<()> {
+    let keys::KeysCommand::Publish { document } = command else { bail!("not an online keys command") };
+    let statement = keys::read_statement(&document)?;
+    let channel = telemetry::traced(connect(&conn, Duration::from_secs(timeout)).await?);
+    let api = Api { channel, url: conn.url };
+    let request = pb::PublishTrustDocumentRequest { document: Some(statement) };
+    api.call(RegistryClient::new(api.channel.clone()).publish_trust_document(request)).await?;
+    println!("published trust document {}", document.display());
+    Ok(())
+}
+
 /// Size of one rollout step as given on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StepSize {
@@ -233,7 +279,21 @@ impl std::error::Error for Unreachable {}
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli).await {
+    // Traced only when an OTLP endpoint is configured: otherwise nothing is exported and the
+    // command's stderr stays free of log lines.
+    let _telemetry = match std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        Some(_) => match telemetry::init(&telemetry::TelemetryConfig::from_env("llmchainctl")) {
+            Ok(guard) => Some(guard),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    // The root of the trace of whatever the command asks for (a rollout's trace starts here).
+    let span = tracing::info_span!("llmchainctl");
+    match tracing::Instrument::instrument(run(cli), span).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<Unreachable>().is_some() => {
             eprintln!("error: {e}");
@@ -247,8 +307,19 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Keys(k) = cli.command {
+        if k.is_offline() {
+            return keys::run_offline(k);
+        }
+        let conn = cli.connect.resolve(&cli.config)?;
+        return keys_publish(conn, cli.timeout, k).await;
+    }
+    if let Command::Enroll(args) = cli.command {
+        return tls::enroll(&cli.connect, &cli.config, args).await;
+    }
     let timeout = Duration::from_secs(cli.timeout);
-    let api = Api { channel: connect(&cli.coordinator, timeout).await?, url: cli.coordinator.clone() };
+    let conn = cli.connect.resolve(&cli.config)?;
+    let api = Api { channel: telemetry::traced(connect(&conn, timeout).await?), url: conn.url.clone() };
     let out = cli.output;
     match cli.command {
         Command::Status => {
@@ -307,7 +378,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Fleet { selector } => fleet(&api, out, selector.join(",")).await?,
-        Command::Assign { version, targets, prefetch, rollback } => {
+        Command::Keys(_) | Command::Enroll(_) => unreachable!("handled before connecting"),
+        Command::Token(cmd) => token::run(&api, out, cmd).await?,
+        Command::Agent(cmd) => agent::run(&api, out, cmd).await?,
+        Command::Assign { version, targets, prefetch, rollback, rollback_statement } => {
+            let rollback_statement = rollback_statement.as_deref().map(keys::read_statement).transpose()?;
             let (agent_ids, selector) = targets.into_parts();
             let req = pb::AssignRequest {
                 agent_ids,
@@ -316,6 +391,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 activate: !prefetch,
                 rollback,
                 rollout_id: String::new(),
+                rollback_statement,
             };
             let r = api.call(FleetClient::new(api.channel.clone()).assign(req)).await?;
             match out {
@@ -348,7 +424,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// One connection to the coordinator, shared by every call of a command.
 struct Api {
-    channel: Channel,
+    /// Every call through it carries the command's trace context.
+    channel: TracedChannel,
     url: String,
 }
 
@@ -371,8 +448,11 @@ impl Api {
 }
 
 /// Connects once; every command shares this channel.
-async fn connect(addr: &str, timeout: Duration) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(addr.to_string())
+async fn connect(conn: &tls::Connection, timeout: Duration) -> anyhow::Result<Channel> {
+    let addr = conn.url.as_str();
+    let endpoint = conn
+        .transport
+        .endpoint(addr)
         .with_context(|| format!("invalid coordinator address {addr:?}"))?
         .connect_timeout(timeout)
         .timeout(timeout);
@@ -393,7 +473,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
-async fn status(channel: Channel) -> anyhow::Result<Vec<ServiceStatus>> {
+async fn status(channel: TracedChannel) -> anyhow::Result<Vec<ServiceStatus>> {
     let mut reflection = ServerReflectionClient::new(channel.clone());
     let request = ServerReflectionRequest {
         host: String::new(),
@@ -476,7 +556,7 @@ async fn fleet(api: &Api, out: Output, selector: String) -> anyhow::Result<()> {
 
 async fn rollout(api: &Api, out: Output, cmd: RolloutCommand) -> anyhow::Result<()> {
     let mut client = RolloutsClient::new(api.channel.clone());
-    let action = |a: ActionArgs| pb::RolloutAction { id: a.id, reason: a.reason };
+    let action = |a: ActionArgs| pb::RolloutAction { id: a.id, reason: a.reason, rollback_statement: None };
     let r = match cmd {
         RolloutCommand::Create(args) => api.call(client.create_rollout(args.into_request()?)).await?,
         RolloutCommand::Get { id } => api.call(client.get_rollout(pb::GetRolloutRequest { id })).await?,
@@ -512,7 +592,11 @@ async fn rollout(api: &Api, out: Output, cmd: RolloutCommand) -> anyhow::Result<
         }
         RolloutCommand::Pause(a) => api.call(client.pause_rollout(action(a))).await?,
         RolloutCommand::Resume(a) => api.call(client.resume_rollout(action(a))).await?,
-        RolloutCommand::Rollback(a) => api.call(client.rollback_rollout(action(a))).await?,
+        RolloutCommand::Rollback(a) => {
+            let rollback_statement = a.statement.as_deref().map(keys::read_statement).transpose()?;
+            api.call(client.rollback_rollout(pb::RolloutAction { rollback_statement, ..action(a.action) }))
+                .await?
+        }
     };
     match out {
         Output::Json => print_json(&json::rollout(&r)),

@@ -15,6 +15,7 @@ use llmchain_coordinator::{
     fleet::{self, Fleet, FleetConfig},
     registry::{self, Registry, RegistryApi, RegistryConfig},
     rollout::{self, Rollouts},
+    server,
     store::{Store, embedded::EmbeddedStore},
 };
 use llmchain_proto::{
@@ -26,7 +27,7 @@ use llmchain_proto::{
 };
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::mpsc};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 const PROMPT: Duration = Duration::from_secs(5);
@@ -52,15 +53,13 @@ async fn start_coordinator(dir: &std::path::Path, stop: CancellationToken) -> (S
     let rollouts = Arc::new(Rollouts::new(store, "api"));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let services = (registry::service(registry.clone()), fleet::service(fleet), rollout::service(rollouts));
+    // The coordinator's own server: health and reflection too, for `status`.
+    let mut services = server::ServiceSet::default();
+    services.add(registry::service(registry.clone()));
+    services.add(fleet::service(fleet));
+    services.add(rollout::service(rollouts));
     tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(services.0)
-            .add_service(services.1)
-            .add_service(services.2)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
-            .await
-            .unwrap();
+        server::serve(listener, services, server::Limits::default(), stop).await.unwrap();
     });
     (format!("http://{addr}"), registry)
 }
@@ -78,7 +77,7 @@ async fn publish(registry: &Registry, version: u64) {
 /// Runs the real binary against `url`.
 async fn ctl(url: &str, args: &[&str]) -> Output {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_llmchainctl"))
-        .args(["--coordinator", url, "--timeout", "5"])
+        .args(["--coordinator", url, "--timeout", "5", "--insecure"])
         .args(args)
         .env_remove("LLMCHAIN_COORDINATOR")
         .output()
@@ -134,7 +133,7 @@ async fn commands_print_what_the_api_holds() {
         bad_records: 1,
         ..Default::default()
     };
-    let req = pb::ReportSummariesRequest { agent_id: "edge-0".into(), summaries: vec![summary] };
+    let req = pb::ReportSummariesRequest { agent_id: "edge-0".into(), summaries: vec![summary.clone()] };
     fleet_client.report_summaries(req).await.unwrap();
 
     // models and versions
@@ -251,6 +250,19 @@ async fn commands_print_what_the_api_holds() {
     assert_eq!(list["rollouts"][0]["id"], id.as_str());
     let resumed = ctl_json(&url, &["rollout", "resume", &id, "--reason", "go"]).await;
     assert_eq!(resumed["state"], "ROLLOUT_STATE_RUNNING");
+    // pause and rollback answer the rollout as stored afterwards
+    let paused = ctl_json(&url, &["rollout", "pause", &id, "--reason", "hold"]).await;
+    assert_eq!(paused["state"], "ROLLOUT_STATE_PAUSED");
+    let rolled_back = ctl_json(&url, &["rollout", "rollback", &id, "--reason", "bad canary"]).await;
+    let stored = rollouts.get_rollout(pb::GetRolloutRequest { id: id.clone() }).await.unwrap().into_inner();
+    assert_eq!(stored.state, pb::RolloutState::Aborted as i32);
+    assert_eq!(rolled_back["state"], "ROLLOUT_STATE_ABORTED");
+    let history = rolled_back["history"].as_array().unwrap();
+    assert_eq!(history.len(), stored.history.len());
+    for (g, e) in history.iter().zip(&stored.history) {
+        assert_eq!(g["message"], e.message.as_str());
+    }
+    assert!(history.last().unwrap()["message"].as_str().unwrap().contains("bad canary"), "{rolled_back}");
 
     // summaries
     let sums = ctl_json(&url, &["summaries", "--agent", "edge-0", "--limit", "5"]).await;
@@ -261,6 +273,61 @@ async fn commands_print_what_the_api_holds() {
     assert_eq!(s["label_counts"], json!([{ "label": "normal", "count": 9 }]));
     assert_eq!((s["records"].clone(), s["bad_records"].clone()), (json!(10), json!(1)));
     assert_eq!(s["latency_p99_ms"], 41.0);
+
+    // summaries --follow: one JSON object per line, each a summary as stored
+    let mut follow = tokio::process::Command::new(env!("CARGO_BIN_EXE_llmchainctl"))
+        .args(["--coordinator", &url, "--timeout", "5", "--insecure", "-o", "json"])
+        .args(["summaries", "--follow", "--agent", "edge-0"])
+        .env_remove("LLMCHAIN_COORDINATOR")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(follow.stdout.take().unwrap()));
+    let mut seq = 1;
+    // Summaries are reported until one shows: the watch starts when the command has connected.
+    let line = loop {
+        seq += 1;
+        let summary = pb::Summary {
+            seq,
+            label_counts: vec![pb::LabelCount { label: "inspect".into(), count: seq }],
+            records: seq,
+            ..summary.clone()
+        };
+        let req = pb::ReportSummariesRequest { agent_id: "edge-0".into(), summaries: vec![summary] };
+        fleet_client.report_summaries(req).await.unwrap();
+        match tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await {
+            Ok(line) => break line.unwrap().expect("summaries --follow ended"),
+            Err(_) => assert!(seq < 20, "summaries --follow printed nothing"),
+        }
+    };
+    let followed: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    let followed_seq = followed["seq"].as_u64().unwrap();
+    assert!((2..=seq).contains(&followed_seq), "{followed}");
+    let stored = fleet_client
+        .list_summaries(pb::ListSummariesRequest {
+            agent_id: "edge-0".into(),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let stored =
+        stored.summaries.iter().find(|s| s.seq == followed_seq).expect("the followed summary is stored");
+    assert_eq!(followed["label_counts"], json!([{ "label": "inspect", "count": stored.records }]));
+    assert_eq!(followed["records"], stored.records);
+    assert_eq!(followed["model"], json!({ "model": "smol", "version": 1 }));
+    drop(follow);
+
+    // status lists every service the coordinator serves, each healthy
+    let status = ctl_json(&url, &["status"]).await;
+    let rows = status.as_array().unwrap_or_else(|| panic!("{status}"));
+    for service in ["llmchain.v1.Registry", "llmchain.v1.Fleet", "llmchain.v1.Rollouts"] {
+        assert!(rows.contains(&json!({ "service": service, "health": "SERVING" })), "{status}");
+    }
+    assert!(rows.iter().any(|r| r["service"] == "grpc.health.v1.Health"), "{status}");
 
     // tables render too
     for args in [&["fleet"][..], &["models"], &["rollout", "get", &id], &["summaries"]] {

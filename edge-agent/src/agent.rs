@@ -23,25 +23,25 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use llmchain_artifact::TrustedKeys;
+use llmchain_artifact::{Applied, PublicKey, RollbackStatement, TrustStore, TrustedKeys};
 use llmchain_proto::{
     model::{MAX_SUMMARIES_PER_REPORT, ModelRef},
-    pb::{self, fleet_client::FleetClient},
+    pb::{self, fleet_client::FleetClient, registry_client::RegistryClient},
 };
+use llmchain_runtime::telemetry::{self, TracedChannel};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use tch::Device;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     backoff::Backoff,
     engine::{Engine, LoadedModel},
     pipeline::{self, Decider, PipelineConfig, Spool, Stats, spool::write_atomic},
-    sync::{BlobCache, Syncer, SyncerConfig, spawn_progress_display},
+    sync::{BlobCache, Refusal, SyncError, Syncer, SyncerConfig, spawn_progress_display},
 };
 
 /// Everything `edge-agent run` needs, validated.
@@ -59,6 +59,8 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// Trainer keys manifests must be signed with.
     pub trusted_keys: TrustedKeys,
+    /// The pinned offline root key: only documents it signs change `trusted_keys`.
+    pub root_key: Option<PublicKey>,
     /// Download rate limit in bytes per second.
     pub max_download_rate: Option<u64>,
     /// Versions kept in the cache per model (besides the running one).
@@ -75,6 +77,10 @@ pub struct Settings {
     pub min_backoff: Duration,
     /// Longest reconnect delay.
     pub max_backoff: Duration,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Mutual TLS with the identity from `edge-agent enroll`, or plaintext with `--insecure`.
+    pub transport: llmchain_runtime::tls::Transport,
 }
 
 /// The version this agent serves, kept across restarts.
@@ -105,7 +111,10 @@ struct Agent {
     status: Mutex<Status>,
     summary_bytes: AtomicU64,
     reconnects: AtomicU64,
-    channel: Channel,
+    /// The trusted trainer keys and the root-signed document that set them.
+    trust: Mutex<TrustStore>,
+    /// Every call through it carries the caller's trace context.
+    channel: TracedChannel,
 }
 
 impl Agent {
@@ -160,6 +169,20 @@ impl Agent {
     }
 }
 
+/// What `/metrics` reports: the counters the agent keeps for its heartbeats anyway.
+impl crate::metrics::Observe for Agent {
+    fn observe(&self) -> crate::metrics::AgentSnapshot {
+        crate::metrics::AgentSnapshot {
+            stats: self.stats.snapshot(),
+            spool_depth: self.spool.depth() as u64,
+            reconnects: self.reconnects.load(Ordering::Relaxed),
+            sync: self.syncer.metrics(),
+            download: self.syncer.progress(),
+            running: self.running(),
+        }
+    }
+}
+
 fn read_running(state_dir: &Path) -> anyhow::Result<Option<ModelRef>> {
     let path = state_dir.join(STATE_FILE);
     let bytes = match std::fs::read(&path) {
@@ -184,9 +207,11 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         ..SyncerConfig::default()
     };
     // One HTTP/2 connection carries the session, the reports and the downloads.
-    let channel = Syncer::endpoint(&settings.coordinator, &sync_config)
-        .with_context(|| format!("coordinator URL {:?}", settings.coordinator))?
-        .connect_lazy();
+    // Mutual TLS with the enrolled identity, or plaintext with --insecure (see config.rs).
+    let url = settings.transport.url(&settings.coordinator)?;
+    let endpoint = Syncer::endpoint(&url, &sync_config)
+        .with_context(|| format!("coordinator URL {:?}", settings.coordinator))?;
+    let channel = settings.transport.apply(endpoint)?.connect_lazy();
     let cache = BlobCache::open(&settings.cache_dir)
         .with_context(|| format!("opening the model cache {}", settings.cache_dir.display()))?;
     let syncer = Syncer::new(channel.clone(), cache.clone(), sync_config);
@@ -195,7 +220,11 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         Spool::open(settings.state_dir.join("spool"), settings.spool_max)
             .with_context(|| format!("opening the summary spool in {}", settings.state_dir.display()))?,
     );
+    // Before anything is loaded: a rotation accepted earlier revokes keys for cached versions too.
+    let trust = TrustStore::open(&settings.state_dir, settings.root_key, settings.trusted_keys.clone())
+        .with_context(|| format!("the trust document in {}", settings.state_dir.display()))?;
     let agent = Arc::new(Agent {
+        trust: Mutex::new(trust),
         engine: Arc::new(Engine::new()),
         syncer,
         cache,
@@ -204,10 +233,24 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         status: Mutex::new(Status::default()),
         summary_bytes: AtomicU64::new(0),
         reconnects: AtomicU64::new(0),
-        channel,
+        channel: telemetry::traced(channel),
         settings,
     });
 
+    let _metrics_server = match agent.settings.metrics_listen {
+        Some(addr) => {
+            let registry = crate::metrics::registry(
+                agent.clone() as Arc<dyn crate::metrics::Observe>,
+                agent.stats.latency(),
+            );
+            Some(
+                crate::metrics::spawn(addr, registry, cancel.clone())
+                    .await
+                    .with_context(|| format!("serving /metrics on {addr}"))?,
+            )
+        }
+        None => None,
+    };
     resume_running(&agent).await;
 
     let (assign_tx, assign_rx) = mpsc::channel(16);
@@ -324,6 +367,7 @@ async fn session_once(
         other => bail!("the coordinator answered the hello with {other:?} instead of a welcome"),
     };
     backoff.reset();
+    refresh_trust(agent).await;
     info!(session = %welcome.session_id, heartbeat_ms = welcome.heartbeat_interval_ms, "session open");
     let period = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -363,7 +407,20 @@ async fn assignment_loop(
             _ = cancel.cancelled() => return,
             a = assignments.recv() => match a { Some(a) => a, None => return },
         };
-        let span = info_span!("assignment", id = %a.assignment_id, rollout = %a.rollout_id);
+        let target = a.target.as_ref().map(|t| format!("{}:{}", t.model, t.version)).unwrap_or_default();
+        let span = info_span!(
+            "assignment",
+            id = %a.assignment_id,
+            rollout = %a.rollout_id,
+            version = %target,
+            activate = a.activate,
+            rollback = a.rollback
+        );
+        // A rollout step's assignment carries the step's trace context: this agent's fetch,
+        // load and swap join the rollout's trace.
+        if let Some(trace) = &a.trace {
+            telemetry::set_remote_parent(&span, &trace.traceparent, &trace.tracestate);
+        }
         let (outcome, message) = handle_assignment(&agent, &a).instrument(span).await;
         {
             let mut status = agent.status();
@@ -398,17 +455,22 @@ async fn handle_assignment(agent: &Arc<Agent>, a: &pb::Assignment) -> (pb::Assig
     if let Some(r) = &running
         && r.model == target.model
         && target.version < r.version
-        && !a.rollback
     {
-        warn!(%target, running = %r, "refusing a downgrade that is not a rollback");
-        return (
-            O::Refused,
-            format!("{target} is older than the running {r} and the assignment is not a rollback"),
-        );
+        if let Err(why) = check_rollback(agent, a, &target) {
+            warn!(%target, running = %r, reason = %why, "refusing a downgrade");
+            return (O::Refused, format!("{target} is older than the running {r}: {why}"));
+        }
+        info!(%target, running = %r, "downgrade allowed by a signed rollback statement");
     }
     agent.status().pending = Some(target.clone());
     info!(%target, activate = a.activate, "fetching");
-    let version = match agent.syncer.fetch_version(&target).await {
+    let mut fetched = agent.syncer.fetch_version(&target).await;
+    // A key the agent does not know may come with a rotation it has not seen yet.
+    if matches!(&fetched, Err(SyncError::Refused(Refusal::UntrustedKey { .. }))) && refresh_trust(agent).await
+    {
+        fetched = agent.syncer.fetch_version(&target).await;
+    }
+    let version = match fetched {
         Ok(v) => v,
         Err(e) if e.is_refused() => {
             warn!(%target, error = %e, "refused the version");
@@ -424,13 +486,15 @@ async fn handle_assignment(agent: &Arc<Agent>, a: &pb::Assignment) -> (pb::Assig
         return (O::Prefetched, format!("{target} downloaded and verified"));
     }
     let device = agent.settings.device;
+    // Entered on the blocking thread: a span does not follow work into `spawn_blocking`.
+    let load_span = info_span!("load", version = %target);
     let load = tokio::task::spawn_blocking(move || -> anyhow::Result<LoadedModel> {
+        let _entered = load_span.enter();
         let model = LoadedModel::load(&version.manifest, &version.blobs, device)?;
-        let probe = model.self_test().context("self-test")?;
+        let probe = info_span!("self_test").in_scope(|| model.self_test()).context("self-test")?;
         info!(label = probe.label.as_str(), confidence = probe.confidence, "self-test passed");
         Ok(model)
     })
-    .instrument(info_span!("load", %target))
     .await;
     let model = match load {
         Ok(Ok(m)) => m,
@@ -440,17 +504,70 @@ async fn handle_assignment(agent: &Arc<Agent>, a: &pb::Assignment) -> (pb::Assig
         }
         Err(e) => return (O::LoadFailed, format!("loading panicked: {e}")),
     };
-    agent.engine.swap(model);
-    agent.status().running = Some(target.clone());
-    if let Err(e) = agent.save_running(&target) {
-        warn!(error = %format!("{e:#}"), "could not record the running version");
-    }
+    info_span!("swap", version = %target, previous = tracing::field::Empty).in_scope(|| {
+        if let Some(previous) = agent.engine.swap(model) {
+            tracing::Span::current().record("previous", tracing::field::display(previous));
+        }
+        agent.status().running = Some(target.clone());
+        if let Err(e) = agent.save_running(&target) {
+            warn!(error = %format!("{e:#}"), "could not record the running version");
+        }
+    });
     let pinned = [target.clone()];
     match agent.cache.gc(agent.settings.keep_versions, &pinned) {
         Ok(report) => debug!(?report, "cache gc"),
         Err(e) => warn!(error = %e, "cache gc failed"),
     }
     (O::Activated, format!("running {target}"))
+}
+
+/// Why a downgrade to `target` is not allowed, if it is not: it needs the rollback flag and a
+/// rollback statement for exactly `target`, unexpired, signed by a trusted trainer key. The
+/// coordinator only relays the statement, so it cannot move agents back on its own.
+fn check_rollback(agent: &Agent, a: &pb::Assignment, target: &ModelRef) -> Result<(), String> {
+    if !a.rollback {
+        return Err("the assignment is not a rollback".into());
+    }
+    let signed = a.rollback_statement.clone().ok_or("the rollback carries no signed rollback statement")?;
+    let signed = llmchain_artifact::SignedStatement::try_from(signed)
+        .map_err(|e| format!("the rollback statement is malformed: {e}"))?;
+    RollbackStatement::verify(&signed, &agent.settings.trusted_keys, target, SystemTime::now())
+        .map(|_| ())
+        .map_err(|e| format!("the rollback statement is refused: {e}"))
+}
+
+/// Fetches the coordinator's latest trust document and applies it when the pinned root signed
+/// it and it is newer; returns whether the trusted keys changed. Failures are logged: the
+/// keys already trusted stay trusted.
+async fn refresh_trust(agent: &Agent) -> bool {
+    if agent.settings.root_key.is_none() {
+        return false;
+    }
+    let mut client = RegistryClient::new(agent.channel.clone());
+    let signed = match client.get_trust_document(pb::GetTrustDocumentRequest {}).await {
+        Ok(r) => match r.into_inner().document {
+            Some(d) => d,
+            None => return false,
+        },
+        Err(status) => {
+            debug!(code = ?status.code(), message = status.message(), "no trust document from the coordinator");
+            return false;
+        }
+    };
+    let applied = llmchain_artifact::SignedStatement::try_from(signed)
+        .map_err(llmchain_artifact::Error::from)
+        .and_then(|s| agent.trust.lock().unwrap_or_else(PoisonError::into_inner).apply(&s));
+    match applied {
+        Ok(Applied::Updated { version }) => {
+            info!(version, keys = ?agent.settings.trusted_keys.key_ids(), "trust document applied");
+            true
+        }
+        Ok(Applied::Unchanged) => false,
+        Err(e) => {
+            warn!(error = %e, "refusing the trust document the coordinator relayed");
+            false
+        }
+    }
 }
 
 /// Sends spooled summaries and deletes those the coordinator acknowledged.
@@ -470,7 +587,8 @@ async fn report_loop(agent: Arc<Agent>, cancel: CancellationToken) {
             let bytes: u64 = pending.iter().map(|s| s.encoded_len() as u64).sum();
             let request =
                 pb::ReportSummariesRequest { agent_id: agent.settings.agent_id.clone(), summaries: pending };
-            match client.report_summaries(request).await {
+            let span = info_span!("report_summaries", summaries = request.summaries.len(), bytes);
+            match client.report_summaries(request).instrument(span).await {
                 Ok(response) => {
                     let acked = response.into_inner().acked;
                     agent.summary_bytes.fetch_add(bytes, Ordering::Relaxed);

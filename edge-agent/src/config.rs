@@ -35,6 +35,10 @@ pub struct RunArgs {
     /// separate with commas) for several. Required: an agent without keys would run anything.
     #[arg(long, env = "LLMCHAIN_TRAINER_KEYS", value_name = "FILE", value_delimiter = ',')]
     pub trainer_key: Option<Vec<PathBuf>>,
+    /// Offline root public key file (`llmchainctl keys root-init`): key-rotation documents
+    /// signed by it replace the trainer keys; without it the trainer keys never change.
+    #[arg(long, env = "LLMCHAIN_ROOT_KEY", value_name = "FILE")]
+    pub root_key: Option<PathBuf>,
     /// Download rate limit for model blobs, bytes per second with an optional K/M/G suffix
     /// (powers of 1024), e.g. `512K`; unlimited when unset.
     #[arg(long, env = "LLMCHAIN_MAX_DOWNLOAD_RATE", value_name = "RATE")]
@@ -82,6 +86,15 @@ pub struct RunArgs {
     /// Compute device: `auto` (CUDA when present), `cpu` or `cuda[:N]` [default: auto].
     #[arg(long, env = "LLMCHAIN_DEVICE", value_name = "DEVICE")]
     pub device: Option<String>,
+    /// Serve Prometheus `/metrics` (and `/healthz`) on this address, e.g. `127.0.0.1:9100`;
+    /// port 0 picks a free one, printed as `metrics listening on ADDR` [default: off].
+    #[arg(long, env = "LLMCHAIN_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Talk plaintext to a coordinator started with --insecure, without an identity: local
+    /// development only. Without it the agent needs the identity `edge-agent enroll` wrote
+    /// into the state directory, and uses mutual TLS.
+    #[arg(long, env = "LLMCHAIN_INSECURE", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub insecure: Option<bool>,
 }
 
 /// Parses `512`, `64K`, `1.5M`, `1G` (powers of 1024) into bytes.
@@ -141,16 +154,24 @@ impl RunArgs {
                     .with_context(|| format!("label {l:?} is not key=value"))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let state_dir: PathBuf = m.state_dir.clone().unwrap_or_else(|| "llmchain-agent/state".into());
         let key_files = m.trainer_key.unwrap_or_default();
-        ensure!(
-            !key_files.is_empty(),
-            "give at least one --trainer-key: manifests are verified against them"
-        );
         let mut trusted_keys = TrustedKeys::default();
         for path in &key_files {
             trusted_keys
                 .insert(PublicKey::load(path).with_context(|| format!("trainer key {}", path.display()))?);
         }
+        if key_files.is_empty() {
+            // The keys handed over at enrollment.
+            for key in crate::enroll::read_trusted_keys(&state_dir)? {
+                trusted_keys.insert(key);
+            }
+        }
+        ensure!(
+            !trusted_keys.is_empty(),
+            "give at least one --trainer-key (or enroll first): manifests are verified against them"
+        );
+        let transport = crate::enroll::transport(m.insecure.unwrap_or(false), &state_dir)?;
         let sources = m
             .sources
             .unwrap_or_else(|| vec!["stdin".into()])
@@ -189,8 +210,13 @@ impl RunArgs {
             labels,
             coordinator: m.coordinator.unwrap_or_else(|| "http://127.0.0.1:7400".into()),
             cache_dir: m.cache_dir.unwrap_or_else(|| "llmchain-agent/cache".into()),
-            state_dir: m.state_dir.unwrap_or_else(|| "llmchain-agent/state".into()),
+            state_dir,
             trusted_keys,
+            root_key: m
+                .root_key
+                .as_deref()
+                .map(|p| PublicKey::load(p).with_context(|| format!("root key {}", p.display())))
+                .transpose()?,
             max_download_rate: m.max_download_rate.as_deref().map(parse_rate).transpose()?,
             keep_versions: m.keep_versions.unwrap_or(2),
             report_interval: Duration::from_millis(m.report_interval_ms.unwrap_or(2000).max(10)),
@@ -199,6 +225,8 @@ impl RunArgs {
             device: parse_device(m.device.as_deref().unwrap_or("auto"))?,
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_millis(m.max_backoff_ms.unwrap_or(30_000).max(200)),
+            metrics_listen: m.metrics_listen,
+            transport,
         })
     }
 }

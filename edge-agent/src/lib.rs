@@ -6,6 +6,7 @@
 //! - [`agent`]: `edge-agent run` — the session, assignments, hot swap and summary reports.
 //! - [`backoff`]: reconnect delays shared by every retrying loop.
 //! - [`config`]: its flags, environment variables and config file.
+//! - [`enroll`]: `edge-agent enroll` — a key made here, a certificate from the coordinator's CA.
 //! - [`engine`]: the serving model version, its self-test, and the atomic hot swap.
 //! - [`pipeline`]: records in (MQTT, JSONL, stdin, simulator), batching, actions out
 //!   (MQTT, JSONL, command), per-window summaries and their on-disk spool.
@@ -14,5 +15,7 @@ pub mod agent;
 pub mod backoff;
 pub mod config;
 pub mod engine;
+pub mod enroll;
+pub mod metrics;
 pub mod pipeline;
 pub mod sync;

@@ -6,7 +6,7 @@ mod model_cmd;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use llmchain_edge_agent::{agent, config::RunArgs};
+use llmchain_edge_agent::{agent, config::RunArgs, enroll};
 use llmchain_model::device::DeviceReport;
 use llmchain_runtime::{shutdown, telemetry};
 
@@ -32,6 +32,9 @@ enum Command {
     /// verify assigned model versions, decide on records from the sources, act through the
     /// executors, and report summaries.
     Run(Box<RunArgs>),
+    /// Enroll this node once: generate a key pair here, send a certificate signing request
+    /// with a bootstrap token, and write the identity `run` then uses for mutual TLS.
+    Enroll(Box<enroll::EnrollArgs>),
     /// Show the compute device libtorch will use (CPU threads, CUDA devices) as JSON.
     Device,
     /// Try a model by hand: generate text, score labels, or show next-token logits.
@@ -53,6 +56,7 @@ fn main() -> anyhow::Result<()> {
                 agent::run(settings, cancel).await
             })?;
         }
+        Command::Enroll(args) => runtime.block_on(enroll::run(*args))?,
         Command::Device => println!("{}", serde_json::to_string_pretty(&DeviceReport::probe())?),
         Command::Model(cmd) => model_cmd::run(cmd)?,
     }

@@ -388,6 +388,43 @@ impl TryFrom<pb::SignedManifest> for SignedManifest {
     }
 }
 
+/// Largest payload of a [`SignedStatement`] (a trust document lists keys; 64 KiB holds ~1,500).
+pub const MAX_STATEMENT_BYTES: usize = 64 << 10;
+
+/// A signed trust document or rollback statement, not yet trusted: only its shape is checked
+/// here; the artifact crate verifies the signature before decoding the payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedStatement {
+    /// Protobuf-encoded statement, exactly as signed.
+    pub payload: Vec<u8>,
+    /// ed25519 signature.
+    pub signature: [u8; 64],
+    /// Signing key identifier.
+    pub key_id: String,
+}
+
+impl TryFrom<pb::SignedStatement> for SignedStatement {
+    type Error = ApiError;
+    fn try_from(s: pb::SignedStatement) -> ApiResult<Self> {
+        if s.payload.is_empty() || s.payload.len() > MAX_STATEMENT_BYTES {
+            return Err(ApiError::invalid("payload", format!("must be 1-{MAX_STATEMENT_BYTES} bytes")));
+        }
+        let signature: [u8; 64] = s.signature.as_slice().try_into().map_err(|_| {
+            ApiError::invalid("signature", format!("must be 64 bytes, got {}", s.signature.len()))
+        })?;
+        if !s.key_id.starts_with("ed25519:") || s.key_id.len() != 8 + 16 {
+            return Err(ApiError::invalid("key_id", "must be \"ed25519:\" and 16 hex digits"));
+        }
+        Ok(SignedStatement { payload: s.payload, signature, key_id: s.key_id })
+    }
+}
+
+impl From<SignedStatement> for pb::SignedStatement {
+    fn from(s: SignedStatement) -> Self {
+        pb::SignedStatement { payload: s.payload, signature: s.signature.to_vec(), key_id: s.key_id }
+    }
+}
+
 impl TryFrom<pb::PublishVersionRequest> for SignedManifest {
     type Error = ApiError;
     fn try_from(r: pb::PublishVersionRequest) -> ApiResult<Self> {
@@ -808,6 +845,8 @@ pub struct RolloutAction {
     pub id: RolloutId,
     /// Why, for the history (at most 1 KiB).
     pub reason: String,
+    /// Rollback only: a trainer-signed rollback statement relayed to the agents.
+    pub rollback_statement: Option<SignedStatement>,
 }
 
 impl TryFrom<pb::RolloutAction> for RolloutAction {
@@ -818,7 +857,12 @@ impl TryFrom<pb::RolloutAction> for RolloutAction {
         if a.reason.chars().any(char::is_control) {
             return Err(ApiError::invalid("reason", "must not contain control characters"));
         }
-        Ok(RolloutAction { id, reason: a.reason })
+        let rollback_statement = a
+            .rollback_statement
+            .map(SignedStatement::try_from)
+            .transpose()
+            .map_err(|e| e.within("rollback_statement"))?;
+        Ok(RolloutAction { id, reason: a.reason, rollback_statement })
     }
 }
 
@@ -1159,6 +1203,8 @@ pub struct Assignment {
     pub rollout_id: Option<String>,
     /// Trace context of whoever assigned it, so the agent's work joins that trace.
     pub trace: Option<TraceContext>,
+    /// With `rollback`: the trainer-signed rollback statement the agent verifies.
+    pub rollback_statement: Option<SignedStatement>,
 }
 
 impl From<Assignment> for pb::Assignment {
@@ -1170,6 +1216,7 @@ impl From<Assignment> for pb::Assignment {
             rollback: a.rollback,
             rollout_id: a.rollout_id.unwrap_or_default(),
             trace: a.trace.map(|t| pb::TraceContext { traceparent: t.traceparent, tracestate: t.tracestate }),
+            rollback_statement: a.rollback_statement.map(Into::into),
         }
     }
 }
@@ -1187,6 +1234,8 @@ pub struct AssignSpec {
     pub rollback: bool,
     /// Rollout the assignment belongs to, if any.
     pub rollout_id: Option<String>,
+    /// With `rollback`: the trainer-signed rollback statement relayed to the agents.
+    pub rollback_statement: Option<SignedStatement>,
 }
 
 impl TryFrom<pb::AssignRequest> for AssignSpec {
@@ -1230,7 +1279,19 @@ impl TryFrom<pb::AssignRequest> for AssignSpec {
             }
             id => Some(id.to_string()),
         };
-        Ok(AssignSpec { targets, target, activate: r.activate, rollback: r.rollback, rollout_id })
+        let rollback_statement = r
+            .rollback_statement
+            .map(SignedStatement::try_from)
+            .transpose()
+            .map_err(|e| e.within("rollback_statement"))?;
+        Ok(AssignSpec {
+            targets,
+            target,
+            activate: r.activate,
+            rollback: r.rollback,
+            rollout_id,
+            rollback_statement,
+        })
     }
 }
 

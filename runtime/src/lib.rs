@@ -2,8 +2,11 @@
 //! (flags > `LLMCHAIN_*` environment > TOML file > defaults) and graceful shutdown.
 
 pub mod config;
+pub mod enroll;
+pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 
 /// Errors of the shared runtime.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +20,9 @@ pub enum Error {
     /// Telemetry could not be installed.
     #[error("telemetry setup failed: {0}")]
     Telemetry(String),
+    /// TLS material is missing or invalid, or enrollment failed.
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 /// Result with the runtime's [`Error`].

@@ -93,9 +93,23 @@ impl TrainerKey {
     }
 }
 
-/// Builds version `version` of `model_name` from `model`, signs it with `key` and publishes it.
+/// Builds version `version` of `model_name` from `model`, signs it with `key` and publishes it
+/// to a coordinator started with `--insecure`.
 pub async fn publish(
     addr: SocketAddr,
+    key: &SigningKey,
+    model_name: &str,
+    version: u64,
+    model: &Llama,
+) -> Manifest {
+    let transport = llmchain_runtime::tls::Transport::Insecure;
+    publish_over(&format!("http://{addr}"), &transport, key, model_name, version, model).await
+}
+
+/// Like [`publish`], to the coordinator at `url` over `transport` (e.g. a trainer identity).
+pub async fn publish_over(
+    url: &str,
+    transport: &llmchain_runtime::tls::Transport,
     key: &SigningKey,
     model_name: &str,
     version: u64,
@@ -118,7 +132,7 @@ pub async fn publish(
     )
     .expect("build version");
     let signed = key.sign(&build.manifest);
-    let mut publisher = Publisher::connect(&format!("http://{addr}")).await.expect("connect publisher");
+    let mut publisher = Publisher::connect_with(url, transport).await.expect("connect publisher");
     publisher.publish(&build.blobs, &signed, &id).await.expect("publish");
     build.manifest
 }
@@ -132,17 +146,25 @@ pub struct Coordinator {
     dir: PathBuf,
     keys: Vec<PathBuf>,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Coordinator {
     /// Starts a coordinator trusting `keys`, with a short heartbeat and lease for tests.
     pub fn start(dir: &Path, keys: &[&Path], extra: &[&str]) -> Coordinator {
+        Self::start_with_env(dir, keys, extra, &[])
+    }
+
+    /// Like [`Coordinator::start`], with extra environment variables (e.g.
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`), kept across restarts.
+    pub fn start_with_env(dir: &Path, keys: &[&Path], extra: &[&str], env: &[(&str, &str)]) -> Coordinator {
         let mut c = Coordinator {
             proc: None,
             addr: "127.0.0.1:0".parse().unwrap(),
             dir: dir.to_path_buf(),
             keys: keys.iter().map(|k| k.to_path_buf()).collect(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         c.restart();
         c
@@ -159,9 +181,15 @@ impl Coordinator {
             .args(["--heartbeat-interval-ms", "300", "--lease-ttl-ms", "1500"])
             .args(&self.extra)
             .env_clear()
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         for k in &self.keys {
             cmd.arg("--trainer-key").arg(k);
+        }
+        // Plaintext unless the test asks for TLS with `--tls-dir`: most tests are not about
+        // transport security (security_pki.rs is).
+        if !self.extra.iter().any(|a| a == "--tls-dir") {
+            cmd.arg("--insecure");
         }
         let (proc, addr) = spawn_listening(cmd, Duration::from_secs(30));
         self.proc = Some(proc);
@@ -190,6 +218,18 @@ impl Coordinator {
 
 /// Starts `edge-agent run` with id `id`, state under `dir/<id>`, talking to `coordinator_url`.
 pub fn spawn_agent(dir: &Path, id: &str, coordinator_url: &str, trainer_key: &Path, args: &[&str]) -> Proc {
+    spawn_agent_with_env(dir, id, coordinator_url, trainer_key, args, &[])
+}
+
+/// Like [`spawn_agent`], with extra environment variables (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`).
+pub fn spawn_agent_with_env(
+    dir: &Path,
+    id: &str,
+    coordinator_url: &str,
+    trainer_key: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let home = dir.join(id);
     let mut cmd = Command::new(bin("edge-agent"));
     cmd.args(["run", "--agent-id", id, "--coordinator", coordinator_url, "--cache-dir"])
@@ -202,12 +242,46 @@ pub fn spawn_agent(dir: &Path, id: &str, coordinator_url: &str, trainer_key: &Pa
         .args(args)
         .env_clear()
         .env("RUST_LOG", "info,llmchain_edge_agent=debug")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(std::fs::File::create(dir.join(format!("{id}.log"))).expect("agent log file")));
-    let child = cmd.spawn().expect("spawn edge-agent");
-    let (_tx, rx) = std::sync::mpsc::channel();
+    // Plaintext unless `edge-agent enroll` left an identity in the state directory, which
+    // `run` then uses for mutual TLS.
+    if !home.join("state").join(llmchain_runtime::tls::IDENTITY_CERT).is_file() {
+        cmd.arg("--insecure");
+    }
+    let mut child = cmd.spawn().expect("spawn edge-agent");
+    // Lines the agent prints (e.g. `metrics listening on ADDR`) for [`wait_addr`].
+    let stdout = child.stdout.take().expect("agent stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     Proc { child, stdout: rx }
+}
+
+/// Waits (bounded) for the stdout line `PREFIX ADDR` of `proc` (e.g. the coordinator's
+/// `http listening on ` or the agent's `metrics listening on `) and returns the address.
+pub fn wait_addr(proc: &Proc, prefix: &str, timeout: Duration) -> SocketAddr {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match proc.stdout.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(addr) = line.strip_prefix(prefix) {
+                    return addr.trim().parse().expect("listening address");
+                }
+            }
+            Err(e) => panic!("no `{prefix}ADDR` line within {timeout:?} ({e})"),
+        }
+    }
 }
 
 /// Assigns `model:version` to `agent` (activate), waiting until the agent is known.
@@ -225,14 +299,46 @@ pub async fn assign(
         activate: true,
         rollback,
         rollout_id: String::new(),
+        rollback_statement: None,
     };
+    assign_request(fleet, request).await;
+}
+
+/// Moves `agent` back to `model:version` with a rollback statement signed by `key` (valid for
+/// an hour), as `llmchainctl assign --rollback --rollback-statement` does.
+pub async fn assign_rollback(
+    fleet: &mut FleetClient<Channel>,
+    agent: &str,
+    model: &str,
+    version: u64,
+    key: &SigningKey,
+) {
+    let target = ModelRef { model: ModelName::parse("model", model).unwrap(), version };
+    let statement = llmchain_artifact::RollbackStatement {
+        target,
+        expires_at: std::time::SystemTime::now() + Duration::from_secs(3600),
+    };
+    let request = pb::AssignRequest {
+        agent_ids: vec![agent.into()],
+        target: Some(pb::ModelRef { model: model.into(), version }),
+        activate: true,
+        rollback: true,
+        rollback_statement: Some(statement.sign(key).into()),
+        ..Default::default()
+    };
+    assign_request(fleet, request).await;
+}
+
+/// Sends `request` until the coordinator accepts it (the agent may not be known yet).
+pub async fn assign_request(fleet: &mut FleetClient<Channel>, request: pb::AssignRequest) {
+    let what = format!("{:?} to {:?}", request.target, request.agent_ids);
     let done = eventually(Duration::from_secs(30), || {
         let mut fleet = fleet.clone();
         let request = request.clone();
         async move { fleet.assign(request).await.ok() }
     })
     .await;
-    assert!(done.is_some(), "assigning {model}:{version} to {agent} kept failing");
+    assert!(done.is_some(), "assigning {what} kept failing");
 }
 
 /// The coordinator's record of `agent`.

@@ -6,7 +6,10 @@ use std::{collections::BTreeSet, time::Duration};
 use llmchain_proto::pb;
 use llmchain_tests::{
     eventually,
-    fleet::{Coordinator, TrainerKey, agent_info, assign, publish, spawn_agent, tiny_model, wait_running},
+    fleet::{
+        Coordinator, TrainerKey, agent_info, assign, assign_rollback, publish, spawn_agent, tiny_model,
+        wait_running,
+    },
     proxy::FaultProxy,
 };
 
@@ -96,7 +99,19 @@ async fn agent_pulls_only_the_delta_refuses_bad_versions_and_rolls_back_on_comma
     .await
     .expect("the downgrade is refused");
     wait_running(&mut fleet, "edge-1", MODEL, 2, Duration::from_secs(5)).await;
+    // The rollback flag alone is not enough: the coordinator could set it. The trainer signs.
     assign(&mut fleet, "edge-1", MODEL, 1, true).await;
+    eventually(Duration::from_secs(10), || {
+        let mut fleet = fleet.clone();
+        async move {
+            let error = agent_info(&mut fleet, "edge-1").await?.status?.last_error;
+            error.contains("no signed rollback statement").then_some(())
+        }
+    })
+    .await
+    .expect("an unsigned rollback is refused");
+    wait_running(&mut fleet, "edge-1", MODEL, 2, Duration::from_secs(5)).await;
+    assign_rollback(&mut fleet, "edge-1", MODEL, 1, &trainer.key).await;
     wait_running(&mut fleet, "edge-1", MODEL, 1, Duration::from_secs(30)).await;
 
     // Decisions flowed all along: summaries arrived, each naming the version that decided.

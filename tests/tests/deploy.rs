@@ -365,12 +365,20 @@ fn check_coordinator(overlay: &str) -> BTreeMap<String, String> {
         |name: &str| ports.iter().find(|p| p["name"] == name).map(|p| p["containerPort"].as_u64().unwrap());
     assert_eq!(named("grpc"), Some(port), "{what}: the grpc port is the listen port");
     assert_eq!(named("http"), Some(8080), "{what}: metrics/dashboard port");
+    // The kubelet's gRPC probes cannot speak TLS: probes use /healthz on the HTTP port.
     for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
-        assert_eq!(
-            c[probe]["grpc"]["port"].as_u64(),
-            Some(port),
-            "{what}: {probe} is grpc.health.v1 on {port}"
-        );
+        assert_eq!(c[probe]["httpGet"]["path"], "/healthz", "{what}: {probe} is /healthz");
+        assert_eq!(c[probe]["httpGet"]["port"], "http", "{what}: {probe} is on the http port");
+    }
+    // Production is mutual TLS with one CA for every replica, from a Secret; only the dev
+    // overlay may run --insecure.
+    let insecure = flags.contains_key("insecure") || env_value(c, "LLMCHAIN_INSECURE").is_some();
+    assert!(!insecure || overlay == "dev", "{what}: --insecure outside the dev overlay");
+    if !insecure {
+        let tls_dir = setting("tls-dir", "LLMCHAIN_TLS_DIR").unwrap_or_else(|| panic!("{what}: no tls_dir"));
+        for file in ["ca.pem", "ca.key", "server.pem", "server.key"] {
+            assert_from_secret(&what, deployment, c, &format!("{}/{file}", tls_dir.trim_matches('"')));
+        }
     }
     let service = find(&objects, "Service", "llmchain-coordinator");
     let service_ports: BTreeMap<String, (u64, String)> = service["spec"]["ports"]
@@ -550,6 +558,15 @@ fn resolve_agent_config(what: &str, text: &str, key: &Path, over: &llmchain_edge
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, text).unwrap();
+    // Without --insecure `run` needs the identity `edge-agent enroll` leaves in the state
+    // directory: stand one in (its contents are only read when connecting).
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("ca.pem"), "-----BEGIN CERTIFICATE-----\n").unwrap();
+    std::fs::write(state.join("identity.pem"), "-----BEGIN CERTIFICATE-----\n").unwrap();
+    llmchain_runtime::tls::write_file(&state.join("identity.key"), b"-----BEGIN PRIVATE KEY-----\n", 0o600)
+        .unwrap();
+    let over = llmchain_edge_agent::config::RunArgs { state_dir: Some(state), ..over.clone() };
     over.resolve(Some(&path)).unwrap_or_else(|e| panic!("{what}: the agent refuses its config: {e:#}"));
 }
 

@@ -16,7 +16,7 @@ use tonic_reflection::pb::v1::{
 /// `coordinator serve` on a free port with its state in `dir`.
 fn coordinator(dir: &std::path::Path) -> Command {
     let mut cmd = Command::new(bin("coordinator"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--store"])
+    cmd.args(["serve", "--insecure", "--listen", "127.0.0.1:0", "--store"])
         .arg(format!("embedded:{}", dir.join("state.redb").display()))
         .arg("--blobs")
         .arg(dir.join("blobs"))
@@ -133,7 +133,7 @@ async fn llmchainctl_status_lists_services_and_fails_clearly_when_unreachable() 
     let dir = tempfile::tempdir().unwrap();
     let (_proc, addr) = spawn_listening(coordinator(dir.path()), Duration::from_secs(30));
     let out = Command::new(bin("llmchainctl"))
-        .args(["status", "-o", "json", "--coordinator", &format!("http://{addr}")])
+        .args(["status", "-o", "json", "--insecure", "--coordinator", &format!("http://{addr}")])
         .env_clear()
         .output()
         .unwrap();
@@ -144,7 +144,7 @@ async fn llmchainctl_status_lists_services_and_fails_clearly_when_unreachable() 
     // A port nothing listens on: bind one, then release it.
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let out = Command::new(bin("llmchainctl"))
-        .args(["status", "--timeout", "2", "--coordinator", &format!("http://{free}")])
+        .args(["status", "--timeout", "2", "--insecure", "--coordinator", &format!("http://{free}")])
         .env_clear()
         .output()
         .unwrap();

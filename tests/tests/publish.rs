@@ -19,7 +19,15 @@ fn keygen(path: &std::path::Path) -> serde_json::Value {
 
 fn import(key: &std::path::Path, addr: std::net::SocketAddr) -> std::process::Output {
     Command::new(bin("cloud-trainer"))
-        .args(["import", "--model", "smollm2-135m", "--coordinator", &format!("http://{addr}"), "--gguf"])
+        .args([
+            "import",
+            "--insecure",
+            "--model",
+            "smollm2-135m",
+            "--coordinator",
+            &format!("http://{addr}"),
+            "--gguf",
+        ])
         .arg(smollm2_gguf())
         .arg("--key")
         .arg(key)
@@ -43,7 +51,7 @@ async fn trainer_imports_smollm2_and_the_registry_serves_the_signed_version() {
     assert!(!again.status.success());
 
     let mut cmd = Command::new(bin("coordinator"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--store"])
+    cmd.args(["serve", "--insecure", "--listen", "127.0.0.1:0", "--store"])
         .arg(format!("embedded:{}", dir.path().join("state.redb").display()))
         .arg("--blobs")
         .arg(dir.path().join("blobs"))

@@ -1,29 +1,45 @@
 //! The tonic adapter of the fleet: converts wire types to domain types (validating them once),
 //! calls [`FleetApi`], and maps errors through `ApiError` to `tonic::Status`.
 //!
-//! `Enroll`, `CreateBootstrapToken` and `RevokeAgent` belong to the security work (mTLS,
-//! roles, bootstrap tokens) and answer `UNIMPLEMENTED` until it lands; `ApiError` has no such
-//! kind because no domain operation can fail that way.
+//! `Enroll` and `CreateBootstrapToken` call [`crate::pki::Enrollment`] (bootstrap tokens and
+//! the CA); `RevokeAgent` records the revocation through [`crate::auth::Caller`]. The caller's
+//! own checks (an agent opens only its own session and reports only its own summaries) are
+//! made here, on the validated request, with the [`Caller`] the authorization layer attached.
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt};
 use llmchain_proto::{
     ApiError,
-    model::{AgentMessage, AssignSpec, LabelSelector, ModelName, SummaryQuery, SummaryReport, TraceContext},
+    model::{
+        AgentMessage, AssignSpec, Label, LabelSelector, ModelName, SummaryQuery, SummaryReport, TraceContext,
+    },
     pb::{self, fleet_server::FleetServer},
 };
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{AgentInfo, CoordinatorMessage, FleetApi, VersionStats, records::AggregateRecord};
-use crate::Error;
+use crate::{
+    Error,
+    auth::{Caller, Role, revocation},
+    pki::Enrollment,
+};
 
 /// Largest message the fleet accepts or sends: a full summary report with hard examples.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
-/// The generated server around `fleet`, with the fleet's message-size limits set.
+/// The generated server around `fleet`, with the fleet's message-size limits set; without a
+/// CA, so `Enroll` and `CreateBootstrapToken` answer `FAILED_PRECONDITION`.
 pub fn service<F: FleetApi>(fleet: Arc<F>) -> FleetServer<FleetGrpc<F>> {
-    FleetServer::new(FleetGrpc(fleet))
+    service_with_enrollment(fleet, None)
+}
+
+/// Like [`service`], enrolling identities and creating bootstrap tokens with `enrollment`.
+pub fn service_with_enrollment<F: FleetApi>(
+    fleet: Arc<F>,
+    enrollment: impl Into<Option<Arc<Enrollment>>>,
+) -> FleetServer<FleetGrpc<F>> {
+    FleetServer::new(FleetGrpc(fleet, enrollment.into()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
@@ -32,7 +48,18 @@ pub fn service<F: FleetApi>(fleet: Arc<F>) -> FleetServer<FleetGrpc<F>> {
 pub struct FleetGrpc<F>(
     /// The fleet the adapter serves.
     pub Arc<F>,
+    /// Bootstrap tokens and certificate issuance (`Enroll`, `CreateBootstrapToken`).
+    pub Option<Arc<Enrollment>>,
 );
+
+impl<F> FleetGrpc<F> {
+    fn enrollment(&self) -> Result<&Enrollment, Status> {
+        self.1.as_deref().ok_or_else(|| {
+            ApiError::FailedPrecondition("this coordinator has no CA: enrollment is not configured".into())
+                .into()
+        })
+    }
+}
 
 fn status(e: Error) -> Status {
     Status::from(ApiError::from(e))
@@ -55,7 +82,7 @@ fn to_wire(m: CoordinatorMessage) -> pb::CoordinatorMessage {
     pb::CoordinatorMessage { kind: Some(kind) }
 }
 
-fn agent_to_wire(a: AgentInfo) -> pb::AgentInfo {
+fn agent_to_wire(a: AgentInfo, revoked: bool) -> pb::AgentInfo {
     pb::AgentInfo {
         agent_id: a.state.agent_id.to_string(),
         labels: a.state.labels.into_iter().map(Into::into).collect(),
@@ -63,7 +90,7 @@ fn agent_to_wire(a: AgentInfo) -> pb::AgentInfo {
         last_heartbeat: Some(a.state.last_heartbeat.into()),
         status: Some(a.state.status.into()),
         bytes_saved: a.traffic.bytes_saved(),
-        revoked: false,
+        revoked,
     }
 }
 
@@ -94,12 +121,6 @@ fn current_trace() -> Option<TraceContext> {
         .map(|traceparent| TraceContext { traceparent, tracestate: get("tracestate").unwrap_or_default() })
 }
 
-fn unimplemented(rpc: &str) -> Status {
-    Status::unimplemented(format!(
-        "{rpc} belongs to the security work (mTLS, roles and bootstrap tokens) and is not implemented yet"
-    ))
-}
-
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
 type SummaryStream = Pin<Box<dyn Stream<Item = Result<pb::Summary, Status>> + Send>>;
 
@@ -107,9 +128,31 @@ type SummaryStream = Pin<Box<dyn Stream<Item = Result<pb::Summary, Status>> + Se
 impl<F: FleetApi> pb::fleet_server::Fleet for FleetGrpc<F> {
     async fn enroll(
         &self,
-        _request: Request<pb::EnrollRequest>,
+        request: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
-        Err(unimplemented("Enroll"))
+        let request = request.into_inner();
+        if request.labels.len() > 64 {
+            return Err(ApiError::invalid("labels", "at most 64").into());
+        }
+        for label in request.labels {
+            Label::try_from(label).map_err(|e| e.within("labels"))?;
+        }
+        let issued = self
+            .enrollment()?
+            .enroll(&request.bootstrap_token, &request.name, &request.csr_pem)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::EnrollResponse {
+            name: issued.identity.name.clone(),
+            role: pb::Role::from(issued.identity.role).into(),
+            certificate_pem: issued.cert_pem,
+            ca_pem: issued.ca_pem,
+            trainer_keys: issued
+                .trainer_keys
+                .iter()
+                .map(|k| pb::TrustedKey { key_id: k.key_id(), public_key: k.to_bytes().to_vec() })
+                .collect(),
+        }))
     }
 
     type SessionStream = SessionStream;
@@ -118,13 +161,18 @@ impl<F: FleetApi> pb::fleet_server::Fleet for FleetGrpc<F> {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let caller = Caller::of(&request);
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
             .await?
             .ok_or_else(|| ApiError::invalid("hello", "a session starts with a hello message"))?;
         let hello = match AgentMessage::try_from(first)? {
-            AgentMessage::Hello(hello) => hello,
+            // An agent may only open its own session.
+            AgentMessage::Hello(hello) => {
+                caller.require_agent(&hello.agent_id).map_err(status)?;
+                hello
+            }
             _ => {
                 return Err(
                     ApiError::invalid("hello", "the first message of a session must be a hello").into()
@@ -145,7 +193,9 @@ impl<F: FleetApi> pb::fleet_server::Fleet for FleetGrpc<F> {
         &self,
         request: Request<pb::ReportSummariesRequest>,
     ) -> Result<Response<pb::ReportSummariesResponse>, Status> {
+        let caller = Caller::of(&request);
         let report = SummaryReport::try_from(request.into_inner())?;
+        caller.require_agent(&report.agent_id).map_err(status)?;
         let acked = self.0.report_summaries(report).await.map_err(status)?;
         Ok(Response::new(pb::ReportSummariesResponse { acked }))
     }
@@ -154,9 +204,18 @@ impl<F: FleetApi> pb::fleet_server::Fleet for FleetGrpc<F> {
         &self,
         request: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let caller = Caller::of(&request);
         let selector = LabelSelector::parse("selector", &request.get_ref().selector)?;
         let agents = self.0.list_agents(&selector).await.map_err(status)?;
-        Ok(Response::new(pb::ListAgentsResponse { agents: agents.into_iter().map(agent_to_wire).collect() }))
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: agents
+                .into_iter()
+                .map(|a| {
+                    let revoked = caller.is_revoked(a.state.agent_id.as_str());
+                    agent_to_wire(a, revoked)
+                })
+                .collect(),
+        }))
     }
 
     async fn list_summaries(
@@ -183,16 +242,26 @@ impl<F: FleetApi> pb::fleet_server::Fleet for FleetGrpc<F> {
 
     async fn create_bootstrap_token(
         &self,
-        _request: Request<pb::CreateBootstrapTokenRequest>,
+        request: Request<pb::CreateBootstrapTokenRequest>,
     ) -> Result<Response<pb::CreateBootstrapTokenResponse>, Status> {
-        Err(unimplemented("CreateBootstrapToken"))
+        let request = request.into_inner();
+        let role = pb::Role::try_from(request.role)
+            .map_err(|_| ApiError::invalid("role", "must be agent, trainer or operator"))
+            .and_then(Role::try_from)?;
+        let ttl = Duration::from_secs(request.ttl_seconds.into());
+        let (token, expires) =
+            self.enrollment()?.create_token(role, Some(&request.name), ttl).await.map_err(status)?;
+        Ok(Response::new(pb::CreateBootstrapTokenResponse { token, expires_at: Some(expires.into()) }))
     }
 
     async fn revoke_agent(
         &self,
-        _request: Request<pb::RevokeAgentRequest>,
+        request: Request<pb::RevokeAgentRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        Err(unimplemented("RevokeAgent"))
+        let caller = Caller::of(&request);
+        let (agent, reason) = revocation::parse_request(request.into_inner())?;
+        caller.revoke(&agent, &reason).await.map_err(status)?;
+        Ok(Response::new(pb::Empty {}))
     }
 
     async fn assign(

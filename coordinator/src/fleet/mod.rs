@@ -44,7 +44,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-pub use grpc::{FleetGrpc, service};
+pub use grpc::{FleetGrpc, service, service_with_enrollment};
 use records::{
     AGENTS_PREFIX, AGGREGATES_PREFIX, AgentState, AggregateRecord, AssignmentRecord, ONLINE_PREFIX,
     OnlineRecord, RULES_PREFIX, RuleRecord, SUMMARIES_PREFIX, TRAFFIC_PREFIX, TrafficRecord, agent_from_key,
@@ -54,6 +54,7 @@ use records::{
 
 use crate::{
     Error, Result,
+    metrics::Metrics,
     registry::records::version_key,
     store::{Compare, KeyValue, LeaseId, Op, OpResponse, Revision, Store, Txn, WatchEvent, WatchStream},
 };
@@ -167,6 +168,7 @@ pub struct Fleet {
     store: Arc<dyn Store>,
     config: FleetConfig,
     shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
 }
 
 /// A fresh random identifier (16 hex digits), for sessions and assignments.
@@ -290,7 +292,13 @@ impl Fleet {
     /// A fleet over `store`; its sessions and watches end when `shutdown` is cancelled, so a
     /// draining server is not held open by long-lived streams.
     pub fn new(config: FleetConfig, store: Arc<dyn Store>, shutdown: CancellationToken) -> Self {
-        Fleet { store, config, shutdown }
+        Fleet { store, config, shutdown, metrics: Arc::default() }
+    }
+
+    /// Counts sessions and ingested summaries in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The store the fleet keeps its state in.
@@ -553,8 +561,10 @@ impl FleetApi for Fleet {
             last_sent: None,
             tx,
         };
+        let mut known = false;
         let start = async {
             let previous = self.load(&agent_key(&agent), AgentState::decode).await?;
+            known = previous.is_some();
             session.state.last_result = previous.and_then(|(p, _)| p.last_result);
             let online_rev = self.store.put(&session.online_key, online_value.into(), Some(lease)).await?;
             session.save().await?;
@@ -580,6 +590,8 @@ impl FleetApi for Fleet {
             lease_ttl: self.config.lease_ttl,
         };
         info!(agent_id = %agent, session_id = %session_id, lease = %lease, "agent session opened");
+        self.metrics.session_opened(known);
+        let metrics = Arc::clone(&self.metrics);
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let mut outcome = Ok(());
@@ -598,6 +610,7 @@ impl FleetApi for Fleet {
                     warn!(agent_id = %session.agent, error = %e, "cannot revoke session lease; it expires")
                 }
             }
+            metrics.session_ended(outcome.is_err());
             match outcome {
                 Ok(()) => {
                     info!(agent_id = %session.agent, session_id = %session.session_id, "agent session closed")
@@ -625,6 +638,7 @@ impl FleetApi for Fleet {
             rollback: spec.rollback,
             rollout_id: spec.rollout_id.clone(),
             trace,
+            rollback_statement: spec.rollback_statement.clone(),
         };
         let agents = match &spec.targets {
             Targets::Agents(ids) => {
@@ -670,6 +684,11 @@ impl FleetApi for Fleet {
         Ok(agents)
     }
 
+    #[tracing::instrument(
+        name = "ingest_summaries",
+        skip_all,
+        fields(agent_id = %report.agent_id, summaries = report.summaries.len(), new = tracing::field::Empty)
+    )]
     async fn report_summaries(&self, report: SummaryReport) -> Result<Vec<u64>> {
         let mut cache = CounterCache::default();
         let mut acked = Vec::with_capacity(report.summaries.len());
@@ -679,12 +698,15 @@ impl FleetApi for Fleet {
             if !seen.insert(s.seq) {
                 continue;
             }
-            if self.store_summary(s, &mut cache).await? {
+            let stored = self.store_summary(s, &mut cache).await?;
+            self.metrics.summary_ingested(s, stored);
+            if stored {
                 new += 1;
             }
             acked.push(s.seq);
         }
         acked.sort_unstable();
+        tracing::Span::current().record("new", new);
         debug!(agent_id = %report.agent_id, new, duplicates = acked.len() - new, "summaries reported");
         Ok(acked)
     }

@@ -23,9 +23,12 @@
 
 use std::{collections::BTreeMap, time::SystemTime};
 
-use llmchain_proto::model::{
-    AgentId, AgentStatus, Assignment, AssignmentOutcome, AssignmentResult, Label, LabelSelector, ModelName,
-    ModelRef, TraceContext,
+use llmchain_proto::{
+    model::{
+        AgentId, AgentStatus, Assignment, AssignmentOutcome, AssignmentResult, Label, LabelSelector,
+        ModelName, ModelRef, SignedStatement, TraceContext,
+    },
+    pb,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -339,6 +342,10 @@ pub struct AssignmentRecord {
     pub traceparent: String,
     /// W3C `tracestate`.
     pub tracestate: String,
+    /// With `rollback`: the trainer-signed rollback statement relayed to the agent, the hex of
+    /// its protobuf encoding; empty when none (and in records written before it existed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rollback_statement: String,
 }
 
 impl AssignmentRecord {
@@ -354,6 +361,11 @@ impl AssignmentRecord {
             rollout_id: a.rollout_id.clone().unwrap_or_default(),
             traceparent,
             tracestate,
+            rollback_statement: a
+                .rollback_statement
+                .clone()
+                .map(|s| hex::encode(prost::Message::encode_to_vec(&pb::SignedStatement::from(s))))
+                .unwrap_or_default(),
         }
     }
 
@@ -369,8 +381,21 @@ impl AssignmentRecord {
                 traceparent: self.traceparent.clone(),
                 tracestate: self.tracestate.clone(),
             }),
+            rollback_statement: decode_statement(key, &self.rollback_statement)?,
         })
     }
+}
+
+/// The rollback statement stored as hex, if any.
+fn decode_statement(key: &str, hex_text: &str) -> Result<Option<SignedStatement>> {
+    if hex_text.is_empty() {
+        return Ok(None);
+    }
+    let bad = |e: String| Error::Store(format!("{key}: rollback statement: {e}"));
+    let bytes = hex::decode(hex_text).map_err(|e| bad(e.to_string()))?;
+    let wire =
+        <pb::SignedStatement as prost::Message>::decode(bytes.as_slice()).map_err(|e| bad(e.to_string()))?;
+    SignedStatement::try_from(wire).map(Some).map_err(|e| bad(e.to_string()))
 }
 
 /// Encodes an assignment for the store.

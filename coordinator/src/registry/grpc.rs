@@ -15,7 +15,7 @@ use llmchain_proto::{
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{ModelSummary, PublishedVersion, RegistryApi};
-use crate::Error;
+use crate::{Error, auth::Caller};
 
 /// Largest message the registry accepts: a 16 MiB signed manifest plus framing.
 pub const MAX_DECODING_MESSAGE_BYTES: usize = 17 << 20;
@@ -132,10 +132,18 @@ impl<R: RegistryApi> pb::registry_server::Registry for RegistryGrpc<R> {
         &self,
         request: Request<pb::GetManifestRequest>,
     ) -> Result<Response<pb::GetManifestResponse>, Status> {
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         let model = ModelName::parse("model", &req.model)?;
         let version = (req.version > 0).then_some(req.version);
+        if let Some(version) = version {
+            // Before the lookup, so an agent cannot probe which versions exist.
+            let wanted = llmchain_proto::model::ModelRef { model: model.clone(), version };
+            caller.require_version(&wanted).await.map_err(status)?;
+        }
         let v = self.0.get_manifest(&model, version).await.map_err(status)?;
+        // Also on the resolved version, so "latest" is no way around it.
+        caller.require_version(&v.manifest.id).await.map_err(status)?;
         Ok(Response::new(pb::GetManifestResponse {
             manifest: Some(v.manifest.into()),
             signed: Some(signed_to_wire(v.signed)),
@@ -157,7 +165,9 @@ impl<R: RegistryApi> pb::registry_server::Registry for RegistryGrpc<R> {
         &self,
         request: Request<pb::PlanDeltaRequest>,
     ) -> Result<Response<pb::PlanDeltaResponse>, Status> {
+        let caller = Caller::of(&request);
         let query = DeltaQuery::try_from(request.into_inner())?;
+        caller.require_version(&query.target).await.map_err(status)?;
         let plan = self.0.plan_delta(query).await.map_err(status)?;
         Ok(Response::new(pb::PlanDeltaResponse {
             needed: plan.needed.into_iter().map(Into::into).collect(),
@@ -198,13 +208,35 @@ impl<R: RegistryApi> pb::registry_server::Registry for RegistryGrpc<R> {
         }))
     }
 
+    async fn publish_trust_document(
+        &self,
+        request: Request<pb::PublishTrustDocumentRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let signed =
+            request.into_inner().document.ok_or_else(|| ApiError::invalid("document", "is required"))?;
+        let signed =
+            llmchain_proto::model::SignedStatement::try_from(signed).map_err(|e| e.within("document"))?;
+        self.0.publish_trust_document(signed).await.map_err(status)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn get_trust_document(
+        &self,
+        _request: Request<pb::GetTrustDocumentRequest>,
+    ) -> Result<Response<pb::GetTrustDocumentResponse>, Status> {
+        let document = self.0.trust_document().await.map_err(status)?.map(Into::into);
+        Ok(Response::new(pb::GetTrustDocumentResponse { document }))
+    }
+
     type FetchBlobStream = FetchStream;
 
     async fn fetch_blob(
         &self,
         request: Request<pb::FetchBlobRequest>,
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
+        let caller = Caller::of(&request);
         let range = BlobRange::try_from(request.into_inner())?;
+        caller.require_blob(&range.digest).await.map_err(status)?;
         let fetch = self.0.fetch_blob(range).await.map_err(status)?;
         let total_size = fetch.total_size;
         let stream = fetch.chunks.map(move |chunk| {

@@ -19,6 +19,7 @@
 
 pub mod grpc;
 pub mod records;
+pub mod trust;
 
 use std::{
     collections::HashSet,
@@ -42,6 +43,7 @@ use records::{INDEX_PREFIX, IndexRecord, index_key, version_key, versions_prefix
 use crate::{
     Error, Result,
     blobs::{BlobFetch, BlobInfo, ByteStream, VerifiedBlobs},
+    metrics::Metrics,
     store::{Compare, Op, Store, Txn},
 };
 
@@ -102,6 +104,10 @@ pub trait RegistryApi: Send + Sync + 'static {
     async fn publish(&self, signed: SignedManifest) -> Result<PublishedVersion>;
     /// Streams a blob range.
     async fn fetch_blob(&self, range: BlobRange) -> Result<BlobFetch>;
+    /// Stores a root-signed trust document for agents (relayed, not verified; see [`trust`]).
+    async fn publish_trust_document(&self, signed: llmchain_proto::model::SignedStatement) -> Result<u64>;
+    /// The latest trust document, if any.
+    async fn trust_document(&self) -> Result<Option<llmchain_proto::model::SignedStatement>>;
 }
 
 /// Settings of the registry.
@@ -125,6 +131,7 @@ pub struct Registry {
     store: Arc<dyn Store>,
     blobs: Arc<VerifiedBlobs>,
     config: RegistryConfig,
+    metrics: Arc<Metrics>,
 }
 
 fn model_not_found(model: &ModelName) -> Error {
@@ -138,7 +145,13 @@ fn version_not_found(model: &ModelName, version: u64) -> Error {
 impl Registry {
     /// A registry over `store` and `blobs`.
     pub fn new(config: RegistryConfig, store: Arc<dyn Store>, blobs: Arc<VerifiedBlobs>) -> Self {
-        Registry { store, blobs, config }
+        Registry { store, blobs, config, metrics: Arc::default() }
+    }
+
+    /// Counts uploads, publishes and `FetchBlob` bytes in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The verified blob store.
@@ -324,6 +337,7 @@ impl RegistryApi for Registry {
         Ok(plan_delta(&target.manifest, &have))
     }
 
+    #[tracing::instrument(name = "upload", skip_all, fields(digest = %header.digest, size = header.total_size))]
     async fn upload_blob(&self, header: UploadHeader, chunks: ByteStream) -> Result<UploadOutcome> {
         if header.total_size > self.config.max_blob_bytes {
             return Err(ApiError::invalid(
@@ -341,10 +355,16 @@ impl RegistryApi for Registry {
             return Ok(UploadOutcome { digest: header.digest, size: info.size, already_present: true });
         }
         let info = self.blobs.put(header.digest, header.total_size, chunks).await?;
+        self.metrics.blob_uploaded(info.size);
         info!(digest = %info.digest, size = info.size, "blob uploaded");
         Ok(UploadOutcome { digest: info.digest, size: info.size, already_present: false })
     }
 
+    #[tracing::instrument(
+        name = "publish",
+        skip_all,
+        fields(key_id = %signed.key_id, model = tracing::field::Empty, version = tracing::field::Empty)
+    )]
     async fn publish(&self, signed: SignedManifest) -> Result<PublishedVersion> {
         if self.config.trusted_keys.is_empty() {
             return Err(ApiError::PermissionDenied("no trainer public key is configured".into()).into());
@@ -354,6 +374,9 @@ impl RegistryApi for Registry {
             verify_error(e)
         })?;
         let id = manifest.id.clone();
+        tracing::Span::current()
+            .record("model", tracing::field::display(&id.model))
+            .record("version", id.version);
         let now = SystemTime::now();
         if manifest.is_expired(now) {
             return Err(ApiError::FailedPrecondition(format!("manifest of {id} has already expired")).into());
@@ -405,6 +428,7 @@ impl RegistryApi for Registry {
                     Op::put(ver_key.clone(), record.clone()),
                 ]);
             if self.store.txn(txn).await?.succeeded {
+                self.metrics.version_published(id.model.as_str());
                 info!(
                     model = %id.model,
                     version = id.version,
@@ -421,7 +445,20 @@ impl RegistryApi for Registry {
             .into())
     }
 
+    async fn publish_trust_document(&self, signed: llmchain_proto::model::SignedStatement) -> Result<u64> {
+        trust::publish(self.store.as_ref(), signed).await
+    }
+
+    async fn trust_document(&self) -> Result<Option<llmchain_proto::model::SignedStatement>> {
+        trust::latest(self.store.as_ref()).await
+    }
+
+    #[tracing::instrument(name = "fetch", skip_all, fields(digest = %range.digest, offset = range.offset))]
     async fn fetch_blob(&self, range: BlobRange) -> Result<BlobFetch> {
-        self.blobs.fetch(range).await
+        let fetch = self.blobs.fetch(range).await?;
+        self.metrics.fetch_blob_request();
+        let metrics = Arc::clone(&self.metrics);
+        let chunks = fetch.chunks.inspect_ok(move |c| metrics.fetch_blob_bytes(c.data.len() as u64)).boxed();
+        Ok(BlobFetch { chunks, ..fetch })
     }
 }

@@ -19,10 +19,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use llmchain_proto::model::{AgentId, Assignment, AssignmentOutcome, LabelSelector, ModelRef, TraceContext};
+use llmchain_proto::model::{
+    AgentId, Assignment, AssignmentOutcome, LabelSelector, ModelRef, SignedStatement, TraceContext,
+};
 use tokio::{task::JoinHandle, time::MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, debug_span, info, info_span, warn};
 
 use super::{
     gates::{self, Observations},
@@ -135,7 +137,8 @@ impl Controller {
                 if !election.is_leader() {
                     return Ok(());
                 }
-                let span = info_span!("rollout", rollout_id = %rollout.id, step = rollout.current_step);
+                // Debug, not info: traced, it would be a new trace per tick per rollout.
+                let span = debug_span!("rollout", rollout_id = %rollout.id, step = rollout.current_step);
                 match self.advance(&rollout, revision).instrument(span).await {
                     Ok(Progress::Moved(next, rev)) => (rollout, revision) = (*next, rev),
                     Ok(Progress::Idle) => break,
@@ -218,8 +221,9 @@ impl Controller {
                 self.swap(revision, next).await
             }
             StepState::Activating if !step.assignments_written => {
-                let plan = self.step_plan(r, i)?;
-                if !self.fenced_write(r, revision, &plan).await? {
+                let span = step_span(r, i);
+                let plan = span.in_scope(|| self.step_plan(r, i))?;
+                if !self.fenced_write(r, revision, &plan).instrument(span).await? {
                     return Ok(Progress::Idle);
                 }
                 debug!(rollout_id = %r.id, step = i, assignments = plan.len(), "rollout step assignments stored");
@@ -277,7 +281,7 @@ impl Controller {
     /// rollout pre-fetches, the target, not activated, for the next step's agents.
     fn step_plan(&self, r: &Rollout, i: usize) -> Result<Vec<(AgentId, Assignment)>> {
         let target = r.target()?;
-        let trace = step_trace(r, i);
+        let trace = step_trace();
         let assignment = |id: String, activate: bool| Assignment {
             assignment_id: id,
             target: target.clone(),
@@ -285,6 +289,7 @@ impl Controller {
             rollback: false,
             rollout_id: Some(r.id.clone()),
             trace: trace.clone(),
+            rollback_statement: None,
         };
         let mut plan = Vec::new();
         for agent in &r.steps[i].agent_ids {
@@ -317,7 +322,10 @@ impl Controller {
                 rollback: true,
                 rollout_id: Some(r.id.clone()),
                 trace: None,
+                rollback_statement: None,
             };
+            let assignment =
+                Assignment { rollback_statement: statement_for(r, &assignment.target), ..assignment };
             plan.push((agent_id(agent)?, assignment));
         }
         if !self.fenced_write(r, revision, &plan).await? {
@@ -415,13 +423,31 @@ fn rollout_key_of(r: &Rollout) -> Result<String> {
     Ok(rollout_key(&id))
 }
 
-/// Trace context of a step's activation, so agents' fetch and swap join the step's trace.
-fn step_trace(r: &Rollout, step: usize) -> Option<TraceContext> {
-    let span = info_span!("rollout_step_activation", rollout_id = %r.id, step);
-    let _entered = span.enter();
-    let mut metadata = tonic::metadata::MetadataMap::new();
-    llmchain_runtime::telemetry::inject_context(&mut metadata);
-    let get = |k: &str| metadata.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
-    get("traceparent")
-        .map(|traceparent| TraceContext { traceparent, tracestate: get("tracestate").unwrap_or_default() })
+/// The operator's rollback statement when it names `target`. The coordinator cannot verify
+/// it (it holds no trainer keys' trust decisions); agents do.
+fn statement_for(r: &Rollout, target: &ModelRef) -> Option<SignedStatement> {
+    if r.rollback_statement.is_empty() {
+        return None;
+    }
+    let bytes = hex::decode(&r.rollback_statement).ok()?;
+    let wire = <llmchain_proto::pb::SignedStatement as prost::Message>::decode(bytes.as_slice()).ok()?;
+    let signed = SignedStatement::try_from(wire).ok()?;
+    let statement = llmchain_artifact::RollbackStatement::from_canonical_bytes(&signed.payload).ok()?;
+    (statement.target == *target).then_some(signed)
+}
+
+/// The span of step `step`'s activation: a child of the call that created the rollout (a root
+/// when that call was untraced), the parent of every agent's fetch, load and swap for the step.
+fn step_span(r: &Rollout, step: usize) -> tracing::Span {
+    let agents = r.steps.get(step).map_or(0, |s| s.agent_ids.len());
+    let target = format!("{}:{}", r.spec.target.model, r.spec.target.version);
+    let span = info_span!(parent: None, "rollout_step", rollout_id = %r.id, step, agents, version = %target);
+    llmchain_runtime::telemetry::set_remote_parent(&span, &r.traceparent, &r.tracestate);
+    span
+}
+
+/// Trace context of the current span (the step's, see [`step_span`]), for the assignments.
+fn step_trace() -> Option<TraceContext> {
+    llmchain_runtime::telemetry::current_w3c()
+        .map(|(traceparent, tracestate)| TraceContext { traceparent, tracestate })
 }

@@ -18,9 +18,16 @@ use super::{
 };
 use crate::Error;
 
-/// The generated server around `rollouts`.
+/// Largest message rollouts accept: a rollout spec with up to 10,000 agent ids.
+pub const MAX_DECODING_MESSAGE_BYTES: usize = 4 << 20;
+/// Largest message rollouts send: a listing of rollouts with their histories.
+pub const MAX_ENCODING_MESSAGE_BYTES: usize = 16 << 20;
+
+/// The generated server around `rollouts`, with the rollouts' message-size limits set.
 pub fn service<R: RolloutsApi>(rollouts: Arc<R>) -> RolloutsServer<RolloutsGrpc<R>> {
     RolloutsServer::new(RolloutsGrpc(rollouts))
+        .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_ENCODING_MESSAGE_BYTES)
 }
 
 /// Implements the generated `Rollouts` trait on any [`RolloutsApi`].

@@ -56,6 +56,7 @@ pub use records::{Rollout, RolloutState, StepState};
 use crate::{
     Result,
     fleet::{self, fresh_id},
+    metrics::Metrics,
     registry::records::version_key,
     store::{Compare, Op, Store, Txn},
 };
@@ -84,12 +85,19 @@ pub trait RolloutsApi: Send + Sync + 'static {
 pub struct Rollouts {
     store: Arc<dyn Store>,
     coordinator: String,
+    metrics: Arc<Metrics>,
 }
 
 impl Rollouts {
     /// Rollouts over `store`; `coordinator` names this coordinator in rollout histories.
     pub fn new(store: Arc<dyn Store>, coordinator: impl Into<String>) -> Self {
-        Rollouts { store, coordinator: coordinator.into() }
+        Rollouts { store, coordinator: coordinator.into(), metrics: Arc::default() }
+    }
+
+    /// Counts the operator actions that succeed in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Applies `change` to the stored rollout with a compare-and-swap, retrying on races.
@@ -222,6 +230,7 @@ impl RolloutsApi for Rollouts {
             })
             .collect::<Vec<_>>();
         let id = RolloutId::parse("id", &fresh_id())?;
+        let (traceparent, tracestate) = llmchain_runtime::telemetry::current_w3c().unwrap_or_default();
         let mut rollout = Rollout {
             id: id.to_string(),
             spec: SpecRecord::from(&spec),
@@ -233,6 +242,9 @@ impl RolloutsApi for Rollouts {
             history: Vec::new(),
             created_at_ms: millis(SystemTime::now()),
             steps,
+            traceparent,
+            tracestate,
+            rollback_statement: String::new(),
         };
         rollout.record(
             &self.coordinator,
@@ -250,6 +262,7 @@ impl RolloutsApi for Rollouts {
             return Err(ApiError::AlreadyExists(format!("rollout {id}")).into());
         }
         info!(rollout_id = %id, target = %spec.target, agents = selected.len(), steps = rollout.steps.len(), "rollout created");
+        self.metrics.rollout_action("create");
         Ok(rollout)
     }
 
@@ -284,6 +297,7 @@ impl RolloutsApi for Rollouts {
             })
             .await?;
         info!(rollout_id = %action.id, reason = %action.reason, "rollout paused");
+        self.metrics.rollout_action("pause");
         Ok(rollout)
     }
 
@@ -306,14 +320,30 @@ impl RolloutsApi for Rollouts {
             })
             .await?;
         info!(rollout_id = %action.id, reason = %action.reason, "rollout resumed");
+        self.metrics.rollout_action("resume");
         Ok(rollout)
     }
 
     async fn rollback(&self, action: RolloutAction) -> Result<Rollout> {
+        let statement = action.rollback_statement.clone().map(|s| {
+            hex::encode(prost::Message::encode_to_vec(&llmchain_proto::pb::SignedStatement::from(s)))
+        });
         let rollout = self
             .update(&action.id, |r| match r.state {
+                // Agents refuse a downgrade without a signed statement: one given after the
+                // rollback sends the rollback assignments again, with it.
+                RolloutState::RolledBack | RolloutState::Aborted if statement.is_some() => {
+                    r.rollback_statement = statement.clone().unwrap_or_default();
+                    r.rollback_pending = true;
+                    r.record(
+                        &self.coordinator,
+                        with_reason("rollback re-sent with a signed rollback statement", &action.reason),
+                    );
+                    Ok(true)
+                }
                 RolloutState::Running | RolloutState::Paused | RolloutState::Succeeded => {
                     r.state = RolloutState::Aborted;
+                    r.rollback_statement = statement.clone().unwrap_or_default();
                     r.rollback_pending = true;
                     r.record(
                         &self.coordinator,
@@ -325,6 +355,7 @@ impl RolloutsApi for Rollouts {
             })
             .await?;
         info!(rollout_id = %action.id, reason = %action.reason, "rollout rollback requested");
+        self.metrics.rollout_action("rollback");
         Ok(rollout)
     }
 }

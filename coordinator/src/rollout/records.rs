@@ -236,6 +236,17 @@ pub struct Rollout {
     pub history: Vec<Event>,
     /// Creation time, ms since the epoch.
     pub created_at_ms: u64,
+    /// W3C `traceparent` of the call that created it: every step's span is its child, so the
+    /// whole rollout, agents' fetches and swaps included, is one trace. Empty when untraced.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub traceparent: String,
+    /// W3C `tracestate` going with `traceparent`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tracestate: String,
+    /// A trainer-signed rollback statement from the operator's rollback (hex of its protobuf
+    /// encoding), relayed with the rollback assignments whose target it names; empty if none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rollback_statement: String,
 }
 
 impl Rollout {

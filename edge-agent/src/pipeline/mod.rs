@@ -212,6 +212,7 @@ pub async fn run_pipeline(
 }
 
 /// Parses, scores, acts on and summarises one batch.
+#[tracing::instrument(name = "batch", skip_all, fields(records = batch.len()))]
 async fn process_batch(
     batch: Vec<RawRecord>,
     decider: &Arc<dyn Decider>,
@@ -277,6 +278,7 @@ async fn process_batch(
     for (((record, raw), text), s) in good.into_iter().zip(texts).zip(scored) {
         let latency = decided_at.saturating_duration_since(raw.arrived);
         stats.decision(s.label);
+        stats.decision_latency(latency);
         let decision = Decision::new(&record, &s, &model_name);
         window.add_decision(raw.bytes.len(), latency, &text, &s);
         executors.dispatch(decision).await;

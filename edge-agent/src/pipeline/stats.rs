@@ -21,6 +21,8 @@ pub struct Stats {
     summary_errors: AtomicU64,
     /// `f64` bits of the decisions per second of the last closed window.
     decision_rate: AtomicU64,
+    /// Arrival-to-decision latency of every decision (for `/metrics`).
+    latency: crate::metrics::LatencyHistogram,
 }
 
 /// A copy of the counters at one moment.
@@ -113,6 +115,16 @@ impl Stats {
     /// Counts a summary the sink refused.
     pub fn summary_error(&self) {
         self.summary_errors.fetch_add(1, Relaxed);
+    }
+
+    /// Records one decision's latency from the record's arrival.
+    pub fn decision_latency(&self, latency: std::time::Duration) {
+        self.latency.observe(latency);
+    }
+
+    /// The decision latency histogram.
+    pub fn latency(&self) -> &crate::metrics::LatencyHistogram {
+        &self.latency
     }
 
     /// Sets the decisions per second of the last closed window.

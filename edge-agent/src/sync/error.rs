@@ -35,6 +35,14 @@ pub enum Refusal {
         /// Key the manifest names.
         key_id: String,
     },
+    /// The manifest is signed by a key a root-signed trust document revoked.
+    #[error("manifest of {requested} is signed by {key_id}, which is revoked")]
+    RevokedKey {
+        /// Version asked for.
+        requested: ModelRef,
+        /// Key the manifest names.
+        key_id: String,
+    },
     /// The signature does not verify against the pinned key it names.
     #[error("manifest of {requested} has a signature that does not verify against {key_id}")]
     BadSignature {

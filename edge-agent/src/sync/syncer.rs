@@ -26,13 +26,14 @@ use llmchain_proto::{
     model::{Digest, ModelRef, SignedManifest},
     pb::{self, registry_client::RegistryClient},
 };
+use llmchain_runtime::telemetry::{TracedChannel, traced};
 use rand::Rng;
 use tokio::{sync::watch, time::timeout};
 use tonic::{
     Code, Status,
     transport::{Channel, Endpoint},
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn};
 
 use super::{
     BlobCache, LocalVersion, Progress, RateLimiter, SyncerConfig,
@@ -57,6 +58,8 @@ pub struct SyncMetrics {
     resumes: AtomicU64,
     retries: AtomicU64,
     blobs_fetched: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
 }
 
 /// A copy of [`SyncMetrics`] at one instant.
@@ -72,6 +75,10 @@ pub struct MetricsSnapshot {
     pub retries: u64,
     /// Blobs verified and moved into the cache.
     pub blobs_fetched: u64,
+    /// Blobs of fetched versions that were already in the cache.
+    pub cache_hits: u64,
+    /// Blobs of fetched versions the cache lacked (downloaded or resumed).
+    pub cache_misses: u64,
 }
 
 impl SyncMetrics {
@@ -83,6 +90,8 @@ impl SyncMetrics {
             resumes: self.resumes.load(Relaxed),
             retries: self.retries.load(Relaxed),
             blobs_fetched: self.blobs_fetched.load(Relaxed),
+            cache_hits: self.cache_hits.load(Relaxed),
+            cache_misses: self.cache_misses.load(Relaxed),
         }
     }
 }
@@ -131,7 +140,7 @@ struct Download<'a> {
 
 /// Fetches verified model versions from the coordinator's registry into a [`BlobCache`].
 pub struct Syncer {
-    client: RegistryClient<Channel>,
+    client: RegistryClient<TracedChannel>,
     cache: BlobCache,
     config: SyncerConfig,
     limiter: Option<RateLimiter>,
@@ -161,9 +170,10 @@ impl Syncer {
         Ok(Self::new(channel, cache, config))
     }
 
-    /// A syncer over an existing channel (see [`Syncer::endpoint`] for suitable settings).
+    /// A syncer over an existing channel (see [`Syncer::endpoint`] for suitable settings);
+    /// its calls carry the caller's trace context.
     pub fn new(channel: Channel, cache: BlobCache, config: SyncerConfig) -> Self {
-        let client = RegistryClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let client = RegistryClient::new(traced(channel)).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let limiter = config.max_rate.map(RateLimiter::new);
         Syncer { client, cache, config, limiter, metrics: Arc::default(), progress: watch::Sender::new(None) }
     }
@@ -200,9 +210,15 @@ impl Syncer {
 
     /// Fetches `id`: verifies its signed manifest, stores it, and downloads the blobs the
     /// cache lacks (tensors and tokenizer), resuming any part files.
+    #[tracing::instrument(
+        name = "fetch",
+        skip(self),
+        fields(%id, blobs = tracing::field::Empty, delta_bytes = tracing::field::Empty, reused_bytes = tracing::field::Empty)
+    )]
     pub async fn fetch_version(&self, id: &ModelRef) -> Result<LocalVersion> {
         let signed = self.get_manifest(id).await?;
-        let manifest = verify_manifest(&self.config.trusted_keys, &signed, id, SystemTime::now())?;
+        let manifest = info_span!("verify", key_id = %signed.key_id)
+            .in_scope(|| verify_manifest(&self.config.trusted_keys, &signed, id, SystemTime::now()))?;
         // Stored before its blobs, so garbage collection that pins a pending version keeps
         // what it has downloaded so far; `load_version` tells a complete version apart.
         self.cache.store_version(id, &signed)?;
@@ -215,11 +231,17 @@ impl Syncer {
             needed.push(tokenizer);
         }
         let downloaded_bytes: u64 = needed.iter().map(|(_, s)| s).sum();
+        self.metrics.cache_hits.fetch_add(have.len() as u64, Relaxed);
+        self.metrics.cache_misses.fetch_add(needed.len() as u64, Relaxed);
         let mut seen = HashSet::new();
         let sizes = manifest.tensors.iter().map(|t| (t.digest, t.size)).chain(std::iter::once(tokenizer));
         let reused_bytes: u64 =
             sizes.filter(|(d, _)| have.contains(d) && seen.insert(*d)).map(|(_, s)| s).sum();
 
+        tracing::Span::current()
+            .record("blobs", needed.len())
+            .record("delta_bytes", downloaded_bytes)
+            .record("reused_bytes", reused_bytes);
         info!(%id, blobs = needed.len(), delta_bytes = downloaded_bytes, reused_bytes, "syncing model version");
         self.progress.send_replace(Some(Progress {
             target: id.clone(),
@@ -316,6 +338,7 @@ impl Syncer {
     }
 
     /// Downloads one blob into the cache, resuming its part file.
+    #[tracing::instrument(name = "fetch_blob", skip(self, download), fields(%digest, size))]
     async fn fetch_blob(&self, download: &Download<'_>, digest: Digest, size: u64) -> Result<()> {
         let part = self.cache.part_path(&digest);
         let mut corrupt = 0;

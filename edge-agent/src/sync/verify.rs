@@ -20,6 +20,7 @@ pub fn verify_manifest(
 ) -> Result<Manifest> {
     let manifest = keys.verify(signed).map_err(|e| match e {
         ArtifactError::UnknownKey(key_id) => Refusal::UntrustedKey { requested: requested.clone(), key_id },
+        ArtifactError::RevokedKey(key_id) => Refusal::RevokedKey { requested: requested.clone(), key_id },
         ArtifactError::BadSignature(key_id) => Refusal::BadSignature { requested: requested.clone(), key_id },
         other => Refusal::InvalidManifest { requested: requested.clone(), reason: other.to_string() },
     })?;

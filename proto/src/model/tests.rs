@@ -446,11 +446,19 @@ fn summary_query_defaults_caps_and_filters() {
 
 #[test]
 fn rollout_action_checks_id_and_reason() {
-    let ok = RolloutAction::try_from(pb::RolloutAction { id: "0123abcd".into(), reason: "bad drift".into() });
+    let ok = RolloutAction::try_from(pb::RolloutAction {
+        id: "0123abcd".into(),
+        reason: "bad drift".into(),
+        ..Default::default()
+    });
     assert_eq!(ok.unwrap().id.as_str(), "0123abcd");
-    rejects(RolloutAction::try_from(pb::RolloutAction { id: String::new(), reason: String::new() }), "id");
+    rejects(RolloutAction::try_from(pb::RolloutAction::default()), "id");
     rejects(
-        RolloutAction::try_from(pb::RolloutAction { id: "r1".into(), reason: "x".repeat(1025) }),
+        RolloutAction::try_from(pb::RolloutAction {
+            id: "r1".into(),
+            reason: "x".repeat(1025),
+            ..Default::default()
+        }),
         "reason",
     );
 }
