@@ -17,9 +17,7 @@
 pub mod enroll;
 
 use std::{
-    fs::OpenOptions,
-    io::Write,
-    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -47,18 +45,13 @@ fn tls_err(msg: impl Into<String>) -> Error {
     Error::Tls(msg.into())
 }
 
-/// Writes `contents` to a new temporary file with `mode` and renames it to `path`: readers see
-/// nothing or the whole file, and a key is never readable by others, not even for an instant.
+/// Writes `contents` atomically with `mode` (see [`llmchain_runtime::tls::write_file`], shared
+/// with the clients that write their identities): a key is never readable by others.
 pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
-    let io = |e: std::io::Error| tls_err(format!("cannot write {}: {e}", path.display()));
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io)?;
-    f.write_all(contents).and_then(|()| f.sync_all()).map_err(io)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io)
+    llmchain_runtime::tls::write_file(path, contents, mode).map_err(|e| match e {
+        llmchain_runtime::Error::Tls(msg) => tls_err(msg),
+        other => tls_err(other.to_string()),
+    })
 }
 
 fn read(path: &Path) -> Result<String> {
