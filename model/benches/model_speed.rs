@@ -1,7 +1,8 @@
 //! Speed of our SmolLM2 runtime: prefill (one 512-token prompt; 8 prompts × 128 tokens), decode
 //! (batch 1, 128 tokens after a 16-token prompt) and peak RSS after load + 512-token prefill.
 //!
-//! `cargo bench -p llmchain-model --bench model_speed [-- --threads 2 --repeats 3 --gguf PATH]`.
+//! `cargo bench -p llmchain-model --bench model_speed [-- --threads 2 --repeats 3 --gguf PATH]`;
+//! `--prefill-only` skips the decode figure (quicker when profiling prefill, e.g. under `perf`).
 //! Prints a human summary on stderr and one JSON object on stdout (`scripts/bench/model.py`
 //! runs this next to Hugging Face and llama.cpp and prints the ratios). Token ids are synthetic
 //! and identical across runtimes, so every runtime does the same work; the best of `repeats`
@@ -62,6 +63,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mut threads = 2i32;
     let mut repeats = 3usize;
+    let mut prefill_only = false;
     let mut gguf = std::env::var_os("LLMCHAIN_SMOLLM2_GGUF").map(PathBuf::from);
     // `cargo bench` passes `--bench`; anything we do not know is ignored.
     while let Some(arg) = args.next() {
@@ -69,6 +71,7 @@ fn main() {
             "--threads" => threads = args.next().and_then(|v| v.parse().ok()).expect("--threads N"),
             "--repeats" => repeats = args.next().and_then(|v| v.parse().ok()).expect("--repeats N"),
             "--gguf" => gguf = args.next().map(PathBuf::from),
+            "--prefill-only" => prefill_only = true,
             _ => {}
         }
     }
@@ -86,10 +89,14 @@ fn main() {
     let batch: Vec<Vec<u32>> = (0..8).map(|s| synthetic_ids(128, s + 1)).collect();
     let prefill_8x128_s = best_of(repeats, || prefill(&model, &batch));
     let short = synthetic_ids(16, 9);
-    let decode_s = best_of(repeats, || decode(&model, &short, 128));
-    // The decode timing includes the 16-token prompt; remove its share measured alone.
-    let prompt_s = best_of(repeats, || decode(&model, &short, 0));
-    let decode_only_s = (decode_s - prompt_s).max(f64::MIN_POSITIVE);
+    let decode_only_s = if prefill_only {
+        f64::NAN
+    } else {
+        let decode_s = best_of(repeats, || decode(&model, &short, 128));
+        // The decode timing includes the 16-token prompt; remove its share measured alone.
+        let prompt_s = best_of(repeats, || decode(&model, &short, 0));
+        (decode_s - prompt_s).max(f64::MIN_POSITIVE)
+    };
 
     let result = serde_json::json!({
         "runtime": "llmchain (tch)",

@@ -18,6 +18,8 @@
 //!
 //! A `Llama` is `Send` but not `Sync` (libtorch tensors are not): run it on one thread at a time.
 
+use std::sync::{Condvar, Mutex, PoisonError};
+
 use tch::{Device, Kind, Tensor, nn};
 use tracing::debug;
 
@@ -67,6 +69,26 @@ impl Layer {
             || [&self.q_proj, &self.k_proj, &self.v_proj, &self.gate_proj, &self.up_proj]
                 .iter()
                 .any(|t| t.requires_grad())
+    }
+
+    /// New handles to the same weights (no copy), for a worker thread to own.
+    fn shallow(&self) -> Layer {
+        Layer {
+            input_layernorm: self.input_layernorm.shallow_clone(),
+            q_proj: self.q_proj.shallow_clone(),
+            k_proj: self.k_proj.shallow_clone(),
+            v_proj: self.v_proj.shallow_clone(),
+            qkv: self.qkv.shallow_clone(),
+            o_proj: self.o_proj.shallow_clone(),
+            post_attention_layernorm: self.post_attention_layernorm.shallow_clone(),
+            gate_proj: self.gate_proj.shallow_clone(),
+            up_proj: self.up_proj.shallow_clone(),
+            gate_up: self.gate_up.shallow_clone(),
+            down_proj: self.down_proj.shallow_clone(),
+            lora: self.lora.as_ref().map(|adapters| {
+                adapters.iter().map(|a| Adapter { a: a.a.shallow_clone(), b: a.b.shallow_clone() }).collect()
+            }),
+        }
     }
 }
 
@@ -382,7 +404,7 @@ impl Llama {
             }
         };
         let x = Tensor::embedding(&self.embed_tokens, &ids, -1, false, false);
-        let hidden = self.run_layers(x, &positions, mask.as_ref(), causal, None);
+        let hidden = self.run_layers(x, &positions, mask.as_ref(), causal, None, false);
         Ok(hidden.linear::<Tensor>(&self.lm_head, None))
     }
 
@@ -452,7 +474,7 @@ impl Llama {
         let _threads = (b * t <= SMALL_STEP_TOKENS && !device.is_cuda())
             .then(|| ThreadsGuard::limit(self.small_step_threads))
             .flatten();
-        let hidden = self.run_layers(x, &pos_t, mask.as_ref(), causal, Some(cache));
+        let hidden = self.run_layers(x, &pos_t, mask.as_ref(), causal, Some(cache), true);
 
         for (r, row) in rows.iter().enumerate() {
             for s in 0..t as usize {
@@ -522,7 +544,7 @@ impl Llama {
         let ids = Tensor::from_slice(ids).view([b as i64, t as i64]).to_device(device);
         let positions = Tensor::from_slice(positions).view([b as i64, t as i64]).to_device(device);
         let x = Tensor::embedding(&self.embed_tokens, &ids, -1, false, false);
-        Ok(self.run_layers(x, &positions, Some(&mask), false, Some(&mut cache)))
+        Ok(self.run_layers(x, &positions, Some(&mask), false, Some(&mut cache), true))
     }
 
     /// Output logits `[.., vocab]` for final-norm hidden states `[.., hidden]`.
@@ -598,20 +620,21 @@ impl Llama {
             (p > 0).then(|| Tensor::ones([t, p + t], (Kind::Bool, device)).tril(p).view([1, 1, t, p + t]));
         let mut prefix = prefix.map(Tensor::shallow_clone);
         let mut x = x.to_device(device);
+        let blocks = self.blocks();
         for layer in &self.layers[layers] {
             let shared = match prefix.as_mut() {
                 Some(px) => {
                     let hp = rms_norm(px, &layer.input_layernorm, eps);
-                    let (q, k, v) = self.qkv(layer, &hp, &pcos, &psin);
-                    let attn = self.attend(&q, &k, &v, None, true);
-                    let next = &*px + self.project(layer, O, &layer.o_proj, &attn);
-                    *px = self.mlp(layer, next);
+                    let (q, k, v) = blocks.qkv(layer, &hp, &pcos, &psin);
+                    let attn = blocks.attend(&q, &k, &v, None, true);
+                    let next = &*px + blocks.project(layer, O, &layer.o_proj, &attn);
+                    *px = blocks.mlp(layer, next);
                     Some((k, v))
                 }
                 None => None,
             };
             let hx = rms_norm(&x, &layer.input_layernorm, eps);
-            let (q, k, v) = self.qkv(layer, &hx, &cos, &sin);
+            let (q, k, v) = blocks.qkv(layer, &hx, &cos, &sin);
             let attn = match shared {
                 Some((pk, pv)) => {
                     let widen = |s: &Tensor| {
@@ -621,12 +644,12 @@ impl Llama {
                     };
                     let k = Tensor::cat(&[widen(&pk), k], 2);
                     let v = Tensor::cat(&[widen(&pv), v], 2);
-                    self.attend(&q, &k, &v, mask.as_ref(), false)
+                    blocks.attend(&q, &k, &v, mask.as_ref(), false)
                 }
-                None => self.attend(&q, &k, &v, None, true),
+                None => blocks.attend(&q, &k, &v, None, true),
             };
-            let next = &x + self.project(layer, O, &layer.o_proj, &attn);
-            x = self.mlp(layer, next);
+            let next = &x + blocks.project(layer, O, &layer.o_proj, &attn);
+            x = blocks.mlp(layer, next);
         }
         Ok((prefix, x))
     }
@@ -692,34 +715,114 @@ impl Llama {
     }
 
     /// The decoder stack: layers, then the final norm. `positions` `[B, T]`, `mask` `[B, 1, T, S]`.
+    ///
+    /// With `split` (inference steps, no gradients), a CPU step of at least [`SPLIT_MIN_TOKENS`]
+    /// tokens runs as independent workers, one per intra-op thread: rows divided between them
+    /// ([`Blocks::run_rows`]), or a single causal sequence cut into chunks that pipeline through
+    /// the layers ([`Blocks::run_chunks`]). Each worker runs one-threaded libtorch kernels, so no
+    /// operation waits at a barrier for the other thread (on a 2-core machine the per-operation
+    /// barriers of intra-op parallelism cost more than the elementwise work they split). The
+    /// arithmetic per row and position is the same as the sequential loop's.
     fn run_layers(
         &self,
-        mut x: Tensor,
+        x: Tensor,
         positions: &Tensor,
         mask: Option<&Tensor>,
         causal: bool,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
+        split: bool,
     ) -> Tensor {
         let (cos, sin) = self.rotary(positions);
-        let eps = self.config.rms_norm_eps;
+        let blocks = self.blocks();
         let start = cache.as_ref().map_or(0, |k| k.len);
+        let kv = cache.map(|c| (&c.keys[..], &c.values[..]));
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let threads = if split && !self.device().is_cuda() && b * t >= SPLIT_MIN_TOKENS {
+            tch::get_num_threads().max(1) as usize
+        } else {
+            1
+        };
+        let x = match kv {
+            Some(kv) if threads > 1 && b > 1 => {
+                blocks.run_rows(&self.layers, x, (&cos, &sin), mask, causal, kv, start, threads)
+            }
+            Some(kv) if threads > 1 && causal && mask.is_none() && start == 0 && t >= 2 * MIN_CHUNK => {
+                blocks.run_chunks(&self.layers, x, (&cos, &sin), kv, threads)
+            }
+            _ => {
+                let fold = blocks.fold(mask, causal);
+                blocks.run(&self.layers, x, (&cos, &sin), mask, causal, fold, kv, start, &|_| {})
+            }
+        };
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// The hyper-parameters and adapter scale the block arithmetic reads.
+    fn blocks(&self) -> Blocks<'_> {
+        Blocks { config: &self.config, lora: self.lora, cuda: self.device().is_cuda() }
+    }
+}
+
+/// The arithmetic of the decoder blocks, apart from the parameters' owner: it borrows only plain
+/// hyper-parameters (`Sync`), so prefill workers share it while each holds its own handles to the
+/// layer weights (libtorch tensors are `Send` but not `Sync`).
+#[derive(Clone, Copy)]
+struct Blocks<'a> {
+    config: &'a LlamaConfig,
+    lora: Option<LoraSpec>,
+    cuda: bool,
+}
+
+/// Steps of fewer tokens (batch × new) run sequentially on libtorch's intra-op threads.
+const SPLIT_MIN_TOKENS: i64 = 64;
+/// The fewest positions a pipelined chunk of one sequence gets.
+const MIN_CHUNK: i64 = 32;
+/// Attention cost of one cached key relative to the rest of a position's work (its projections
+/// and MLP), for SmolLM2-135M on the CPU: about 1/1000 (attention is ~18% of a 512-token
+/// prefill). Later chunks of a pipelined sequence attend to more keys, so they get fewer
+/// positions.
+const KEY_COST: f64 = 1.0 / 1000.0;
+
+impl Blocks<'_> {
+    /// Whether attention folds each group of query heads into the query axis (see
+    /// [`Blocks::attend_folded`]): on the CPU, with shared KV heads and an explicit mask.
+    fn fold(&self, mask: Option<&Tensor>, causal: bool) -> bool {
+        self.gqa_group() > 1 && !self.cuda && !(causal && mask.is_none())
+    }
+
+    /// The blocks `layers` over `x` `[B, T, hidden]` (without the final norm). `rope` is the
+    /// `(cos, sin)` of [`Llama::rotary`] for these positions. With `kv` (every layer's cache
+    /// tensors), the new keys and values go to slots `start..start + T` and attention reads
+    /// slots `0..start + T`; `ready(l)` runs after layer `l`'s are written, before attention.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        layers: &[Layer],
+        mut x: Tensor,
+        rope: (&Tensor, &Tensor),
+        mask: Option<&Tensor>,
+        causal: bool,
+        fold: bool,
+        kv: Option<(&[Tensor], &[Tensor])>,
+        start: i64,
+        ready: &dyn Fn(usize),
+    ) -> Tensor {
+        let eps = self.config.rms_norm_eps;
         // Shared KV heads on the CPU: fold each group of query heads into the query length (once
-        // for every layer) instead of repeating keys and values per layer. Plain causal attention
-        // cannot be folded (the flag would mask across the group) and keeps the repeat.
-        let group = self.gqa_group();
-        let fold = group > 1 && !self.device().is_cuda() && !(causal && mask.is_none());
-        let folded = mask.filter(|_| fold).map(|m| m.repeat([1, 1, group, 1]));
+        // for every layer) instead of repeating keys and values per layer.
+        let folded = mask.filter(|_| fold).map(|m| m.repeat([1, 1, self.gqa_group(), 1]));
         let mask = folded.as_ref().or(mask);
-        for (l, layer) in self.layers.iter().enumerate() {
+        for (l, layer) in layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_layernorm, eps);
-            let (q, k, v) = self.qkv(layer, &h, &cos, &sin);
-            let (k, v) = match cache.as_deref_mut() {
-                Some(cache) => {
+            let (q, k, v) = self.qkv(layer, &h, rope.0, rope.1);
+            let (k, v) = match kv {
+                Some((keys, values)) => {
                     let t = k.size()[2];
                     let end = start + t;
-                    cache.keys[l].narrow(2, start, t).copy_(&k);
-                    cache.values[l].narrow(2, start, t).copy_(&v);
-                    (cache.keys[l].narrow(2, 0, end), cache.values[l].narrow(2, 0, end))
+                    keys[l].narrow(2, start, t).copy_(&k);
+                    values[l].narrow(2, start, t).copy_(&v);
+                    ready(l);
+                    (keys[l].narrow(2, 0, end), values[l].narrow(2, 0, end))
                 }
                 None => (k, v),
             };
@@ -732,7 +835,107 @@ impl Llama {
             x = &x + self.project(layer, O, &layer.o_proj, &attn);
             x = self.mlp(layer, x);
         }
-        rms_norm(&x, &self.norm, eps)
+        x
+    }
+
+    /// [`Blocks::run`] with the rows of the batch divided among `threads` workers; each writes
+    /// its rows of the cache.
+    #[allow(clippy::too_many_arguments)]
+    fn run_rows(
+        &self,
+        layers: &[Layer],
+        x: Tensor,
+        rope: (&Tensor, &Tensor),
+        mask: Option<&Tensor>,
+        causal: bool,
+        kv: (&[Tensor], &[Tensor]),
+        start: i64,
+        threads: usize,
+    ) -> Tensor {
+        let b = x.size()[0];
+        let workers = (threads as i64).min(b);
+        let fold = self.fold(mask, causal);
+        let jobs: Vec<_> = (0..workers)
+            .map(|w| {
+                let (first, n) = (b * w / workers, b * (w + 1) / workers - b * w / workers);
+                let rows = |t: &Tensor| t.narrow(0, first, n);
+                let layers: Vec<Layer> = layers.iter().map(Layer::shallow).collect();
+                let (x, cos, sin, mask) = (rows(&x), rows(rope.0), rows(rope.1), mask.map(rows));
+                let keys: Vec<Tensor> = kv.0.iter().map(rows).collect();
+                let values: Vec<Tensor> = kv.1.iter().map(rows).collect();
+                let blocks = *self;
+                move || {
+                    let kv = Some((&keys[..], &values[..]));
+                    blocks.run(&layers, x, (&cos, &sin), mask.as_ref(), causal, fold, kv, start, &|_| {})
+                }
+            })
+            .collect();
+        Tensor::cat(&on_workers(threads, jobs), 0)
+    }
+
+    /// A causal prefill of an empty cache, `x` `[B, T, hidden]`, cut along the sequence into one
+    /// chunk per worker. Worker `c` runs its chunk through every layer; before attending in a
+    /// layer it waits until worker `c - 1` has written that layer's keys and values (which that
+    /// worker does after waiting for its own predecessor), so each chunk attends to every
+    /// earlier position, as in one causal pass. Workers start together and a follower waits
+    /// only for its predecessor's key/value projection of the same layer.
+    fn run_chunks(
+        &self,
+        layers: &[Layer],
+        x: Tensor,
+        rope: (&Tensor, &Tensor),
+        kv: (&[Tensor], &[Tensor]),
+        threads: usize,
+    ) -> Tensor {
+        let t = x.size()[1];
+        let chunks = (threads as i64).min(t / MIN_CHUNK);
+        // Boundaries that give every chunk the same work: position i costs 1 + KEY_COST · i.
+        let work = |s: f64| s + KEY_COST * s * s / 2.0;
+        let total = work(t as f64);
+        let mut bounds = vec![0i64];
+        for c in 1..chunks {
+            let goal = total * c as f64 / chunks as f64;
+            // Solve s + KEY_COST s² / 2 = goal for s.
+            let s = ((1.0 + 2.0 * KEY_COST * goal).sqrt() - 1.0) / KEY_COST;
+            let low = bounds[bounds.len() - 1] + MIN_CHUNK;
+            bounds.push((s.round() as i64).clamp(low, t - MIN_CHUNK * (chunks - c)));
+        }
+        bounds.push(t);
+        let progress: Vec<Progress> = (0..chunks).map(|_| Progress::default()).collect();
+        let device = x.device();
+        let jobs: Vec<_> = (0..chunks as usize)
+            .map(|c| {
+                let (first, end) = (bounds[c], bounds[c + 1]);
+                let span = |t: &Tensor| t.narrow(1, first, end - first);
+                let layers: Vec<Layer> = layers.iter().map(Layer::shallow).collect();
+                let (x, cos, sin) = (span(&x), span(rope.0), span(rope.1));
+                let keys: Vec<Tensor> = kv.0.iter().map(Tensor::shallow_clone).collect();
+                let values: Vec<Tensor> = kv.1.iter().map(Tensor::shallow_clone).collect();
+                // Query i of the chunk (position first + i) sees keys 0..=first + i.
+                let mask = (c > 0).then(|| {
+                    Tensor::ones([end - first, end], (Kind::Bool, device)).tril(first).view([
+                        1,
+                        1,
+                        end - first,
+                        end,
+                    ])
+                });
+                let (blocks, progress) = (*self, &progress);
+                move || {
+                    let _done = Finished(&progress[c]);
+                    let ready = |l: usize| {
+                        if c > 0 {
+                            progress[c - 1].wait_for(l + 1);
+                        }
+                        progress[c].publish(l + 1);
+                    };
+                    let kv = Some((&keys[..], &values[..]));
+                    let causal = mask.is_none();
+                    blocks.run(&layers, x, (&cos, &sin), mask.as_ref(), causal, false, kv, first, &ready)
+                }
+            })
+            .collect();
+        Tensor::cat(&on_workers(threads, jobs), 1)
     }
 
     /// `h` through one projection, plus its adapter when the layer has adapters.
@@ -751,7 +954,7 @@ impl Llama {
     /// Queries, keys and values of normed `h` `[B, T, hidden]`, each `[B, heads, T, head_dim]`,
     /// rotary applied to queries and keys.
     fn qkv(&self, layer: &Layer, h: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor, Tensor) {
-        let c = &self.config;
+        let c = self.config;
         let (b, t) = (h.size()[0], h.size()[1]);
         let (nh, nkv, hd) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim as i64);
         // q, k, v as [B, T, heads, head_dim]; rotary on q and k (adjacent heads when fused).
@@ -770,12 +973,14 @@ impl Llama {
 
     /// Attention of `q` `[B, heads, T, d]` over `k`, `v` `[B, kv_heads, S, d]`, as `[B, T, hidden]`.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool) -> Tensor {
-        let c = &self.config;
+        let c = self.config;
         let (b, t) = (q.size()[0], q.size()[2]);
         let (nh, nkv, hd) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim as i64);
-        // libtorch's CPU flash kernel has no grouped-query support: with `enable_gqa` it falls
-        // back to the unfused math path. Repeating the KV heads (as HF does on CPU) is cheaper.
-        let gqa_kernel = nkv != nh && self.device().is_cuda();
+        // Grouped-query attention in the kernel reads each KV head once instead of a repeated
+        // copy. libtorch 2.13's CPU flash kernel does so (with or without a mask), but its
+        // backward is not the one we validated training with: with gradients, repeat the KV
+        // heads as HF's eager path does.
+        let gqa_kernel = nkv != nh && (self.cuda || !(q.requires_grad() || k.requires_grad()));
         let (k, v) = if nkv != nh && !gqa_kernel {
             (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv))
         } else {
@@ -795,11 +1000,11 @@ impl Llama {
     /// the unrepeated `k`, `v` `[B, kv_heads, S, d]`. `mask` is already folded the same way
     /// (`[B, 1, group·T, S]`, row `g·T + i` = query `i`). Returns `[B, T, hidden]`.
     ///
-    /// Same arithmetic as [`Llama::attend`] on repeated heads (each query still reduces over the
+    /// Same arithmetic as [`Blocks::attend`] on repeated heads (each query still reduces over the
     /// same keys), but only the queries are rearranged, not the cached keys and values of every
     /// layer, which for a batch over a long cache is several times more memory traffic.
     fn attend_folded(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
-        let c = &self.config;
+        let c = self.config;
         let (b, t) = (q.size()[0], q.size()[2]);
         let (nh, nkv, hd) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim as i64);
         let group = nh / nkv;
@@ -821,7 +1026,9 @@ impl Llama {
         };
         &x + self.project(layer, DOWN, &layer.down_proj, &inner)
     }
+}
 
+impl Llama {
     /// `cos` and `sin` of the rotary angles for `positions` `[B, T]`, each `[B, T, 1, head_dim]`
     /// (broadcast over the heads of `[B, T, heads, head_dim]` projections).
     fn rotary(&self, positions: &Tensor) -> (Tensor, Tensor) {
@@ -829,6 +1036,63 @@ impl Llama {
         let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
         let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(2);
         (emb.cos(), emb.sin())
+    }
+}
+
+/// Runs each job on its own scoped thread, with `threads / jobs` libtorch intra-op threads and
+/// autograd off, and returns the results in job order. A panicking job panics the caller once
+/// every job has ended. The caller's intra-op thread count is set again afterwards: libtorch
+/// also keeps it as the process-wide default that new threads start from, which the workers
+/// changed.
+fn on_workers<T: Send>(threads: usize, jobs: Vec<impl FnOnce() -> T + Send>) -> Vec<T> {
+    let caller = tch::get_num_threads();
+    let per = i32::try_from(threads / jobs.len().max(1)).unwrap_or(1).max(1);
+    let results = std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs
+            .into_iter()
+            .map(|job| {
+                scope.spawn(move || {
+                    tch::set_num_threads(per);
+                    let _guard = tch::no_grad_guard();
+                    job()
+                })
+            })
+            .collect();
+        let joined: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
+        joined.into_iter().map(|r| r.unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    });
+    tch::set_num_threads(caller);
+    results
+}
+
+/// How many layers of a pipelined chunk have their keys and values in the cache.
+#[derive(Default)]
+struct Progress {
+    layers: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl Progress {
+    fn publish(&self, layers: usize) {
+        *self.layers.lock().unwrap_or_else(PoisonError::into_inner) = layers;
+        self.changed.notify_all();
+    }
+
+    fn wait_for(&self, layers: usize) {
+        let mut done = self.layers.lock().unwrap_or_else(PoisonError::into_inner);
+        while *done < layers {
+            done = self.changed.wait(done).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// Marks a pipeline worker finished (every layer published) when it ends, by returning or by
+/// panicking, so its follower never waits forever.
+struct Finished<'a>(&'a Progress);
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        self.0.publish(usize::MAX);
     }
 }
 
@@ -1044,6 +1308,11 @@ pub(crate) mod tests {
 
     /// A tiny random model: small enough to build in milliseconds.
     pub(crate) fn tiny(seed: i64) -> Llama {
+        tiny_with_context(seed, 64)
+    }
+
+    /// [`tiny`] with a context of `context` positions.
+    fn tiny_with_context(seed: i64, context: usize) -> Llama {
         let config = LlamaConfig {
             vocab_size: 50,
             hidden_size: 16,
@@ -1052,7 +1321,7 @@ pub(crate) mod tests {
             num_attention_heads: 4,
             num_key_value_heads: 2,
             head_dim: 4,
-            max_position_embeddings: 64,
+            max_position_embeddings: context,
             rms_norm_eps: 1e-5,
             rope_theta: 10_000.0,
             tie_word_embeddings: true,
@@ -1109,6 +1378,50 @@ pub(crate) mod tests {
         let _ = model.forward_cached(&mut cache, &[&ids[..4]], Padding::Left).unwrap();
         let h = model.forward_cached(&mut cache, &[&ids[4..6]], Padding::Left).unwrap();
         assert!(max_diff(&model.logits(&h).get(0), &full.get(0).narrow(0, 4, 2)) < 1e-4);
+    }
+
+    #[test]
+    fn split_prefill_equals_the_sequential_forward() {
+        // Steps of >= SPLIT_MIN_TOKENS tokens run as workers; three threads make three row
+        // groups, or three pipelined chunks where each waits for the one before.
+        tch::set_num_threads(3);
+        let model = tiny_with_context(10, 128);
+        let rows: Vec<Vec<u32>> =
+            (0..3).map(|r| (0..40).map(|i| ((7 * i + 11 * r) % 50) as u32).collect()).collect();
+        let full = |row: &[u32]| {
+            let ids: Vec<i64> = row.iter().map(|&i| i64::from(i)).collect();
+            tch::no_grad(|| model.forward(&Tensor::from_slice(&ids).view([1, -1]), None).unwrap())
+        };
+        // Rows split between workers, equal lengths (causal) and padded (explicit mask).
+        let slices: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+        let padded: Vec<&[u32]> = vec![&rows[0][..40], &rows[1][..25], &rows[2][..33]];
+        for batch in [slices, padded] {
+            let mut cache = model.new_cache(3, 41).unwrap();
+            let h = model.forward_cached(&mut cache, &batch, Padding::Left).unwrap();
+            for (r, row) in batch.iter().enumerate() {
+                let got = model.logits(&h.get(r as i64).narrow(0, 40 - row.len() as i64, row.len() as i64));
+                assert!(max_diff(&got, &full(row).get(0)) < 1e-4, "row {r} of {}", row.len());
+            }
+            // The cache the workers wrote continues like a sequential one.
+            let _ = model.forward_cached(&mut cache, &[&[5], &[6], &[7]], Padding::Left).unwrap();
+            for (r, (row, next)) in batch.iter().zip([5, 6, 7]).enumerate() {
+                let mut ids = row.to_vec();
+                ids.push(next);
+                let step = model.logits(&cache.last_hidden().unwrap().get(r as i64));
+                assert!(max_diff(&step, &full(&ids).get(0).get(row.len() as i64)) < 1e-4, "step {r}");
+            }
+        }
+        // One long sequence pipelined in chunks.
+        let long: Vec<u32> = (0..120).map(|i| ((13 * i + 3) % 50) as u32).collect();
+        let mut cache = model.new_cache(1, 121).unwrap();
+        let h = model.forward_cached(&mut cache, &[&long], Padding::Left).unwrap();
+        assert!(max_diff(&model.logits(&h), &full(&long)) < 1e-4);
+        let _ = model.forward_cached(&mut cache, &[&[9]], Padding::Left).unwrap();
+        let mut ids = long.clone();
+        ids.push(9);
+        let step = model.logits(&cache.last_hidden().unwrap().get(0));
+        assert!(max_diff(&step, &full(&ids).get(0).get(120)) < 1e-4);
+        assert_eq!(tch::get_num_threads(), 3, "the workers restore the caller's thread count");
     }
 
     #[test]

@@ -9,7 +9,10 @@ tokens after a 16-token prompt, the prompt's own time subtracted) and peak RSS a
 512-token prefill. Each runtime runs in its own process (clean RSS); each figure is the best of
 `--repeats` timed runs after a warm-up, since load from other processes only slows runs down.
 
-- ours: `cargo bench -p llmchain-model --bench model_speed` (release build);
+- ours: `cargo bench -p llmchain-model --bench model_speed` (release build); a prefill step of
+  >= 64 tokens runs as one worker per thread with one-threaded kernels (rows split between them,
+  or one sequence pipelined in chunks through the layers), where HF splits each operation across
+  the threads;
 - HF: `AutoModelForCausalLM.from_pretrained(gguf_file=...)`, float32, `torch.set_num_threads`,
   prefill with `logits_to_keep=1` (what `generate` does), decode with its KV cache;
 - llama.cpp: `llama-cpp-python==0.3.36` on the quantised GGUF (Q4_1) as is; its Python API
