@@ -42,8 +42,8 @@ use super::{
 };
 
 /// HTTP/2 frame size, as the coordinator recommends (`registry::grpc::H2_MAX_FRAME_BYTES`):
-/// one frame per 1 MiB chunk instead of 64.
-const H2_MAX_FRAME_BYTES: u32 = 1 << 20;
+/// one frame per 1 MiB chunk (with its 17 header bytes) instead of 64.
+const H2_MAX_FRAME_BYTES: u32 = (1 << 20) + (16 << 10);
 /// HTTP/2 stream and connection windows, as the coordinator recommends
 /// (`registry::grpc::H2_WINDOW_BYTES`), so flow control never waits on a round trip.
 const H2_WINDOW_BYTES: u32 = 16 << 20;
