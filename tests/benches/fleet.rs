@@ -1,11 +1,19 @@
 //! `make bench-fleet`: many simulated agents against one real coordinator process.
 //!
-//! Each simulated agent speaks the real Fleet protocol over its own TCP connection (by
-//! default): a `Session` stream that opens with a Hello and then sends a Heartbeat every
+//! Each simulated agent speaks the real Fleet protocol with its own identity (its agent id in
+//! insecure mode): a `Session` stream that opens with a Hello and then sends a Heartbeat every
 //! `FLEET_HEARTBEAT_S`, and a `ReportSummaries` call with one realistic summary (label
-//! counts, histogram, 4 hard examples) every `FLEET_SUMMARY_S`. Agents run on tokio in a few
-//! worker processes (this binary re-executed with `--worker`), because one process may hold
-//! at most `RLIMIT_NOFILE` sockets. The coordinator runs on an embedded store in a temp dir.
+//! counts, histogram, 4 hard examples) every `FLEET_SUMMARY_S`. Agents run on tokio in worker
+//! processes (this binary re-executed with `--worker`). The coordinator runs on an embedded
+//! store in a temp dir.
+//!
+//! **Connections.** Agents share HTTP/2 connections, `FLEET_AGENTS_PER_CONN` (100) per
+//! connection, each agent still on its own session stream: on this machine a process may hold
+//! at most 20,000 open files (`RLIMIT_NOFILE`, hard limit, not raisable without
+//! CAP_SYS_RESOURCE), so 20,000 agents cannot each own a socket to one coordinator process.
+//! 100 agents per connection keep the streams of one connection (100 sessions plus at most
+//! one summary call each) within hyper's default of 200 concurrent streams per connection.
+//! The number of connections used is printed and in the JSON.
 //!
 //! What is measured, honestly:
 //! - **agents held**: sessions open in the workers at the end, and agents the coordinator
@@ -18,12 +26,14 @@
 //!   including queueing on the session and the lease renewal, not the final record write;
 //! - **session open**: Hello → Welcome, a real round trip on the stream;
 //! - **summary RTT**: `ReportSummaries` request → acknowledgment (each summary stored once);
-//! - the coordinator's **CPU %** (utime+stime over wall time) and **RSS** from `/proc/<pid>`.
+//! - the coordinator's **CPU %** (utime+stime over wall time) and **RSS** from `/proc/<pid>`,
+//!   and the simulated agents' CPU % (all workers together: they share the machine's cores
+//!   with the coordinator), plus the machine's load average at start and end (it is shared).
 //!
 //! Configuration (environment): `FLEET_AGENTS` (20000), `FLEET_SECONDS` of steady state after
 //! the ramp (120), `FLEET_RAMP_PER_S` new agents per second (1000), `FLEET_HEARTBEAT_S` (10),
-//! `FLEET_SUMMARY_S` (60), `FLEET_AGENTS_PER_CONN` (1: one connection per agent; more
-//! multiplexes agents on HTTP/2 connections), `FLEET_AGENTS_PER_WORKER` (9000),
+//! `FLEET_SUMMARY_S` (60), `FLEET_AGENTS_PER_CONN` (100; 1 gives each agent its own TCP
+//! connection, up to the fd limit), `FLEET_AGENTS_PER_WORKER` (20000),
 //! `FLEET_COORDINATOR` (the coordinator binary; default `target/release/coordinator`).
 //! `--json OUT` writes the figures as JSON too. It prints figures; it asserts nothing.
 
@@ -70,8 +80,8 @@ impl Config {
             ramp_per_s: var("FLEET_RAMP_PER_S", 1000.0)?,
             heartbeat: Duration::from_secs_f64(var("FLEET_HEARTBEAT_S", 10.0)?),
             summary: Duration::from_secs_f64(var("FLEET_SUMMARY_S", 60.0)?),
-            agents_per_conn: var("FLEET_AGENTS_PER_CONN", 1)?,
-            agents_per_worker: var("FLEET_AGENTS_PER_WORKER", 9000)?,
+            agents_per_conn: var("FLEET_AGENTS_PER_CONN", 100)?,
+            agents_per_worker: var("FLEET_AGENTS_PER_WORKER", 20_000)?,
         };
         anyhow::ensure!(
             c.agents > 0 && c.agents_per_conn > 0 && c.agents_per_worker > 0,
@@ -202,7 +212,14 @@ fn coordinator_main(config: &Config) -> Result<Value> {
             ),
         }
     };
-    let conns = config.agents.div_ceil(config.agents_per_conn);
+    let per_worker = config.agents_per_worker.div_ceil(config.agents_per_conn) * config.agents_per_conn;
+    // Agent connections (a new one every `agents_per_conn` agents of a worker), plus one per
+    // worker for its ListAgents prober.
+    let conns = (0..config.agents)
+        .step_by(per_worker)
+        .map(|first| per_worker.min(config.agents - first).div_ceil(config.agents_per_conn) + 1)
+        .sum::<usize>();
+    let load_start = loadavg();
     eprintln!(
         "fleet bench: {} agents on {conns} connections, ramp {:.0}/s, heartbeat {:?}, summary {:?}, steady {} s; coordinator {} (pid {pid}, {addr}{}), fd limit {fd_limit}",
         config.agents,
@@ -218,7 +235,6 @@ fn coordinator_main(config: &Config) -> Result<Value> {
     let start_ms = unix_ms(SystemTime::now()) + 500;
     let exe = std::env::current_exe()?;
     let mut workers = Vec::new();
-    let per_worker = config.agents_per_worker.div_ceil(config.agents_per_conn) * config.agents_per_conn;
     let mut first = 0;
     while first < config.agents {
         let count = per_worker.min(config.agents - first);
@@ -244,9 +260,16 @@ fn coordinator_main(config: &Config) -> Result<Value> {
     let ticks = user_hz();
     let page = 4096u64;
     let mut samples: Vec<(f64, f64, u64)> = Vec::new(); // (t s, cpu s, rss bytes)
+    let worker_pids: Vec<u32> = workers.iter().map(|w| w.0.0.id()).collect();
+    let mut client_samples: Vec<(f64, f64)> = Vec::new(); // (t s, cpu s of all workers)
     let total = config.ramp() + Duration::from_secs(config.seconds) + Duration::from_secs(2);
     let mut last_print = Instant::now();
     while workers.iter_mut().any(|w| w.0.0.try_wait().ok().flatten().is_none()) {
+        let client_cpu: Option<f64> =
+            worker_pids.iter().map(|&p| proc_sample(p, ticks, page).map(|s| s.0)).sum();
+        if let Some(cpu) = client_cpu {
+            client_samples.push((started.elapsed().as_secs_f64(), cpu));
+        }
         if let Some((cpu, rss)) = proc_sample(pid, ticks, page) {
             samples.push((started.elapsed().as_secs_f64(), cpu, rss));
             if last_print.elapsed() >= Duration::from_secs(10) {
@@ -279,6 +302,11 @@ fn coordinator_main(config: &Config) -> Result<Value> {
         (Some(a), Some(b)) if b.0 > a.0 => 100.0 * (b.1 - a.1) / (b.0 - a.0),
         _ => f64::NAN,
     };
+    let client_steady: Vec<_> = client_samples.iter().filter(|s| s.0 >= steady_from).collect();
+    let client_cpu_pct = match (client_steady.first(), client_steady.last()) {
+        (Some(a), Some(b)) if b.0 > a.0 => 100.0 * (b.1 - a.1) / (b.0 - a.0),
+        _ => f64::NAN,
+    };
     let rss_end = samples.last().map_or(0, |s| s.2);
     let rss_peak = proc_peak_rss(pid).unwrap_or_else(|| samples.iter().map(|s| s.2).max().unwrap_or(0));
 
@@ -293,6 +321,7 @@ fn coordinator_main(config: &Config) -> Result<Value> {
         v
     };
     let hb = merged("heartbeat_us");
+    let hb_steady = merged("heartbeat_steady_us");
     let hello = merged("hello_us");
     let summary = merged("summary_us");
     let online = reports.iter().map(|r| r["online_seen"].as_u64().unwrap_or(0)).sum::<u64>();
@@ -318,6 +347,9 @@ fn coordinator_main(config: &Config) -> Result<Value> {
         "heartbeat_p50_ms": pct_ms(&hb, 0.50),
         "heartbeat_p99_ms": pct_ms(&hb, 0.99),
         "heartbeat_max_ms": hb.last().map(|&u| u as f64 / 1000.0),
+        "heartbeat_steady_samples": hb_steady.len(),
+        "heartbeat_steady_p50_ms": pct_ms(&hb_steady, 0.50),
+        "heartbeat_steady_p99_ms": pct_ms(&hb_steady, 0.99),
         "hello_p50_ms": pct_ms(&hello, 0.50),
         "hello_p99_ms": pct_ms(&hello, 0.99),
         "summaries_sent": sum("summaries_sent"),
@@ -326,6 +358,9 @@ fn coordinator_main(config: &Config) -> Result<Value> {
         "summary_p50_ms": pct_ms(&summary, 0.50),
         "summary_p99_ms": pct_ms(&summary, 0.99),
         "coordinator_cpu_pct": cpu_pct,
+        "client_cpu_pct": client_cpu_pct,
+        "load_start": load_start,
+        "load_end": loadavg(),
         "coordinator_rss_mib_end": rss_end as f64 / (1 << 20) as f64,
         "coordinator_rss_mib_peak": rss_peak as f64 / (1 << 20) as f64,
         "machine_cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -353,6 +388,12 @@ fn print_figures(f: &Value) {
         f["heartbeat_samples"],
         f["heartbeats_sent"]
     );
+    println!(
+        "  … sent after the ramp         p50 {}  p99 {}  ({} samples: every agent connected)",
+        ms("heartbeat_steady_p50_ms"),
+        ms("heartbeat_steady_p99_ms"),
+        f["heartbeat_steady_samples"]
+    );
     println!("  session open Hello → Welcome  p50 {}  p99 {}", ms("hello_p50_ms"), ms("hello_p99_ms"));
     println!(
         "  ReportSummaries RTT           p50 {}  p99 {}  ({} acked of {} sent, {} failed calls)",
@@ -367,6 +408,18 @@ fn print_figures(f: &Value) {
         f["coordinator_cpu_pct"].as_f64().unwrap_or(f64::NAN),
         f["coordinator_rss_mib_end"].as_f64().unwrap_or(0.0),
         f["coordinator_rss_mib_peak"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "  simulated agents (workers)    cpu {:.0}% of one core (steady state); {} agents per HTTP/2 connection (fd limit {})",
+        f["client_cpu_pct"].as_f64().unwrap_or(f64::NAN),
+        f["agents_per_connection"],
+        f["fd_limit"]
+    );
+    println!(
+        "  machine load average          {} at start, {} at the end ({} cpus, shared)",
+        f["load_start"].as_str().unwrap_or("?"),
+        f["load_end"].as_str().unwrap_or("?"),
+        f["machine_cpus"]
     );
     println!("  targets: 20,000 agents, heartbeat p99 < 100 ms, rss < 1024 MiB (reported, not asserted)");
 }
@@ -396,6 +449,13 @@ fn proc_sample(pid: u32, ticks: u64, page: u64) -> Option<(f64, u64)> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let rss_pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(((utime + stime) as f64 / ticks as f64, rss_pages * page))
+}
+
+/// The 1, 5 and 15 minute load averages, as /proc/loadavg writes them.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// VmHWM (peak resident set) of `pid`.
@@ -449,10 +509,17 @@ struct Shared {
     hello_us: Mutex<Vec<u64>>,
     summary_us: Mutex<Vec<u64>>,
     heartbeat_us: Mutex<Vec<u64>>,
+    /// The samples of heartbeats sent after the ramp (every agent connected).
+    heartbeat_steady_us: Mutex<Vec<u64>>,
+    /// When the ramp ends, on the wall clock the coordinator stamps heartbeats with.
+    steady_from: SystemTime,
     config: Config,
     worker: usize,
     first: usize,
     end: tokio::time::Instant,
+    /// Cancelled after the prober's last listing: agents hold their sessions until then, so
+    /// the coordinator's final count of online agents is not racing their goodbyes.
+    release: tokio_util::sync::CancellationToken,
 }
 
 fn agent_id(i: usize) -> String {
@@ -477,10 +544,13 @@ async fn worker_main(
         hello_us: Mutex::default(),
         summary_us: Mutex::default(),
         heartbeat_us: Mutex::default(),
+        heartbeat_steady_us: Mutex::default(),
+        steady_from: UNIX_EPOCH + Duration::from_millis(start_ms) + config.ramp(),
         config: config.clone(),
         worker,
         first,
         end,
+        release: tokio_util::sync::CancellationToken::new(),
     });
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
         .tcp_nodelay(true)
@@ -522,12 +592,14 @@ async fn worker_main(
         "hello_us": take(&shared.hello_us),
         "summary_us": take(&shared.summary_us),
         "heartbeat_us": take(&shared.heartbeat_us),
+        "heartbeat_steady_us": take(&shared.heartbeat_steady_us),
     }))
 }
 
 /// Every 5 s, lists this worker's agents and samples send → handled of new heartbeats.
 /// Returns how many of them the coordinator listed online in the last successful listing.
 async fn prober(shared: Arc<Shared>, endpoint: Endpoint, count: usize) -> u64 {
+    let _release = shared.release.clone().drop_guard();
     let Ok(channel) = endpoint.connect().await else { return 0 };
     let mut client = FleetClient::new(channel).max_decoding_message_size(256 << 20);
     let selector = format!("bench-worker={}", shared.worker);
@@ -546,7 +618,7 @@ async fn prober(shared: Arc<Shared>, endpoint: Endpoint, count: usize) -> u64 {
         };
         let agents = listing.into_inner().agents;
         online = agents.iter().filter(|a| a.online).count() as u64;
-        let mut samples = Vec::new();
+        let (mut samples, mut steady) = (Vec::new(), Vec::new());
         for info in agents {
             let Some(k) = info.agent_id.strip_prefix("sim-").and_then(|n| n.parse::<usize>().ok()) else {
                 continue;
@@ -560,10 +632,15 @@ async fn prober(shared: Arc<Shared>, endpoint: Endpoint, count: usize) -> u64 {
             };
             if seq > probe.sampled {
                 probe.sampled = seq;
-                samples.push(stamp.duration_since(sent).unwrap_or_default().as_micros() as u64);
+                let us = stamp.duration_since(sent).unwrap_or_default().as_micros() as u64;
+                samples.push(us);
+                if sent >= shared.steady_from {
+                    steady.push(us);
+                }
             }
         }
         shared.heartbeat_us.lock().unwrap().extend(samples);
+        shared.heartbeat_steady_us.lock().unwrap().extend(steady);
         if last {
             return online;
         }
@@ -700,8 +777,10 @@ async fn agent(shared: Arc<Shared>, k: usize, channel: Channel) {
         }
         c.connected.fetch_sub(1, Relaxed);
         if ended_ok {
-            // Hold the session until every agent is done, so the final count sees it.
+            // Hold the session until every agent is done and the prober has counted the
+            // coordinator's online agents.
             c.connected.fetch_add(1, Relaxed);
+            shared.release.cancelled().await;
             return;
         }
         c.session_failures.fetch_add(1, Relaxed);

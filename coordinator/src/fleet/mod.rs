@@ -3,17 +3,20 @@
 //! [`FleetApi`] is the service as a plain async trait over domain types; [`Fleet`] implements
 //! it on a [`Store`] (layout in [`records`]), and [`grpc::FleetGrpc`] adapts it to the
 //! generated tonic trait. Invariants:
-//! - an agent is online exactly while `fleet/online/<id>` exists; the key hangs on a lease of
-//!   the configured TTL that only the agent's heartbeats renew, so a silent agent goes offline
-//!   after one TTL whether its stream stays open or not (and its session then ends);
-//! - one session per agent: a newer session overwrites the online key, the older session sees
-//!   that on its watch and ends, and it writes the agent record only while it holds the key;
+//! - an agent is online exactly while `fleet/online/<id>` exists; the key is written when a
+//!   session opens, on this coordinator's lease, and deleted when the session ends, which it
+//!   does when its agent leaves or stays silent for the lease TTL (liveness is kept in memory,
+//!   see [`sessions`]; a heartbeat writes nothing unless what rollouts read changed);
+//! - one session per agent: a newer session overwrites the online key, the older session learns
+//!   it from the fleet's one watch of the online keys and ends, and it writes the agent record
+//!   only while it holds the key;
 //! - a session delivers the agent's stored assignment when it starts and every later change
 //!   (each assignment id once), so an assignment made while the agent is away reaches it on
 //!   reconnect;
-//! - a summary is stored once per (agent, seq): one transaction puts it only if absent and
-//!   adds it to its version's aggregate and its agent's traffic, so counters never count a
-//!   retried report twice.
+//! - a summary is stored once per (agent, seq): a transaction puts it only if absent and adds
+//!   it to its version's aggregate and its agent's traffic, so counters never count a retried
+//!   report twice; reports arriving together share one durable transaction ([`ingest`]) and
+//!   are acknowledged only after it commits.
 //!
 //! Refusals and their codes: a session whose first message is not a Hello, a summary of
 //! another agent, and malformed fields are `INVALID_ARGUMENT`; assigning an unpublished
@@ -22,11 +25,13 @@
 //! coordinator shutting down are `UNAVAILABLE` (the agent reconnects).
 
 pub mod grpc;
+mod ingest;
 pub mod records;
+mod sessions;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{Duration, SystemTime},
 };
 
@@ -34,33 +39,31 @@ use futures::{StreamExt, TryStreamExt, stream::BoxStream};
 use llmchain_proto::{
     ApiError,
     model::{
-        AgentId, AgentMessage, AssignSpec, Assignment, Hello, Label, LabelSelector, ModelName, ModelRef,
-        Summary, SummaryQuery, SummaryReport, Targets, TraceContext,
+        AgentId, AgentMessage, AssignSpec, Assignment, Hello, LabelSelector, ModelName, ModelRef, Summary,
+        SummaryQuery, SummaryReport, Targets, TraceContext,
     },
     pb,
 };
 use prost::Message;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 pub use grpc::{FleetGrpc, service, service_with_enrollment};
+use ingest::Ingest;
 use records::{
     AGENTS_PREFIX, AGGREGATES_PREFIX, AgentState, AggregateRecord, AssignmentRecord, ONLINE_PREFIX,
-    OnlineRecord, RULES_PREFIX, RuleRecord, SUMMARIES_PREFIX, TRAFFIC_PREFIX, TrafficRecord, agent_from_key,
-    agent_key, agent_summaries_prefix, aggregate_key, assignment_key, online_key, rule_key, summary_key,
-    traffic_key,
+    RuleRecord, SUMMARIES_PREFIX, TRAFFIC_PREFIX, TrafficRecord, agent_from_key, agent_key,
+    agent_summaries_prefix, aggregate_key, assignment_key, rule_key,
 };
+use sessions::Sessions;
 
 use crate::{
     Error, Result,
     metrics::Metrics,
     registry::records::version_key,
-    store::{Compare, KeyValue, LeaseId, Op, OpResponse, Revision, Store, Txn, WatchEvent, WatchStream},
+    store::{Op, Revision, Store, WatchEvent},
 };
 
-/// Attempts of a summary's compare-and-swap before the report is refused as contended.
-const SUMMARY_ATTEMPTS: usize = 16;
 /// Assignments written concurrently by one `Assign`.
 const ASSIGN_CONCURRENCY: usize = 16;
 /// Messages queued towards one agent before its session waits for the agent to read.
@@ -166,7 +169,10 @@ pub trait FleetApi: Send + Sync + 'static {
 /// The fleet on a [`Store`].
 pub struct Fleet {
     store: Arc<dyn Store>,
-    config: FleetConfig,
+    /// Live sessions, their liveness and the tasks writing their records.
+    sessions: Arc<Sessions>,
+    /// The summary writer (group commit), started on the first report.
+    ingest: OnceLock<Ingest>,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
 }
@@ -247,11 +253,6 @@ fn for_agent(template: &Assignment, agent: &AgentId) -> Assignment {
     Assignment { assignment_id: format!("{}:{agent}", template.assignment_id), ..template.clone() }
 }
 
-/// The key-value of exactly `key` in a prefix listing (prefixes are raw: `a/x` lists `a/xy`).
-fn exact(kvs: Vec<KeyValue>, key: &str) -> Option<KeyValue> {
-    kvs.into_iter().find(|kv| kv.key == key)
-}
-
 fn decode_summary(key: &str, bytes: &[u8]) -> Result<Summary> {
     let wire = pb::Summary::decode(bytes).map_err(|e| Error::Store(format!("corrupt summary {key}: {e}")))?;
     Summary::try_from(wire).map_err(|e| Error::Store(format!("corrupt summary {key}: {e}")))
@@ -280,19 +281,12 @@ fn add_aggregate(total: &mut AggregateRecord, a: &AggregateRecord) {
     }
 }
 
-/// Last known value and revision of the counters a report updates, so a report of many
-/// summaries costs one transaction per summary when nothing else writes them.
-#[derive(Default)]
-struct CounterCache {
-    traffic: Option<(TrafficRecord, Revision)>,
-    aggregates: HashMap<String, (AggregateRecord, Revision)>,
-}
-
 impl Fleet {
     /// A fleet over `store`; its sessions and watches end when `shutdown` is cancelled, so a
     /// draining server is not held open by long-lived streams.
     pub fn new(config: FleetConfig, store: Arc<dyn Store>, shutdown: CancellationToken) -> Self {
-        Fleet { store, config, shutdown, metrics: Arc::default() }
+        let sessions = Arc::new(Sessions::new(Arc::clone(&store), config, shutdown.clone()));
+        Fleet { store, sessions, ingest: OnceLock::new(), shutdown, metrics: Arc::default() }
     }
 
     /// Counts sessions and ingested summaries in `metrics`.
@@ -306,322 +300,16 @@ impl Fleet {
         &self.store
     }
 
-    async fn load<T>(
-        &self,
-        key: &str,
-        decode: impl Fn(&str, &[u8]) -> Result<T>,
-    ) -> Result<Option<(T, Revision)>> {
-        match self.store.get(key).await? {
-            Some(kv) => Ok(Some((decode(key, &kv.value)?, kv.mod_revision))),
-            None => Ok(None),
-        }
-    }
-
-    /// Applies the newest selector rule that matches `labels` and is newer than the agent's
-    /// stored assignment, so an agent that was away or had other labels catches up.
-    async fn apply_rules(&self, agent: &AgentId, labels: &[Label]) -> Result<()> {
-        let rules = self.store.list(RULES_PREFIX).await?;
-        let key = assignment_key(agent);
-        let current_revision = self.store.get(&key).await?.map_or(0, |kv| kv.mod_revision);
-        let mut newest: Option<(Revision, Assignment)> = None;
-        for kv in rules.kvs {
-            if kv.mod_revision <= current_revision
-                || newest.as_ref().is_some_and(|(r, _)| *r >= kv.mod_revision)
-            {
-                continue;
-            }
-            let (selector, template) = RuleRecord::decode(&kv.key, &kv.value)?;
-            if selector.matches(labels) {
-                newest = Some((kv.mod_revision, template));
-            }
-        }
-        let Some((_, template)) = newest else { return Ok(()) };
-        let assignment = for_agent(&template, agent);
-        // Only if nothing was assigned since we looked: a newer direct assignment wins.
-        let txn = Txn::new()
-            .when([Compare::ModRevision(key.clone(), current_revision)])
-            .and_then([Op::put(key, records::encode_assignment(&assignment))]);
-        if self.store.txn(txn).await?.succeeded {
-            info!(agent_id = %agent, assignment_id = %assignment.assignment_id, target = %assignment.target, "selector rule applied on connect");
-        }
-        Ok(())
-    }
-
-    /// Stores one summary unless already stored; returns whether it was new.
-    async fn store_summary(&self, s: &Summary, cache: &mut CounterCache) -> Result<bool> {
-        let key = summary_key(&s.agent_id, s.seq);
-        let agg_key = aggregate_key(&s.model);
-        let t_key = traffic_key(&s.agent_id);
-        let bytes = pb::Summary::from(s.clone()).encode_to_vec();
-        let size = bytes.len() as u64;
-        for _ in 0..SUMMARY_ATTEMPTS {
-            let (traffic, t_rev) = match cache.traffic {
-                Some(t) => t,
-                None => self.load(&t_key, TrafficRecord::decode).await?.unwrap_or_default(),
-            };
-            let (agg, a_rev) = match cache.aggregates.get(&agg_key) {
-                Some(a) => a.clone(),
-                None => self.load(&agg_key, AggregateRecord::decode).await?.unwrap_or_default(),
-            };
-            let mut next_agg = agg;
-            add_summary(&mut next_agg, s, size);
-            let next_traffic = TrafficRecord {
-                summaries: traffic.summaries + 1,
-                raw_bytes: traffic.raw_bytes + s.raw_bytes,
-                summary_bytes: traffic.summary_bytes + size,
-            };
-            let txn = Txn::new()
-                .when([
-                    Compare::absent(key.clone()),
-                    Compare::ModRevision(agg_key.clone(), a_rev),
-                    Compare::ModRevision(t_key.clone(), t_rev),
-                ])
-                .and_then([
-                    Op::put(key.clone(), bytes.clone()),
-                    Op::put(agg_key.clone(), next_agg.encode()),
-                    Op::put(t_key.clone(), next_traffic.encode()),
-                ])
-                .or_else([Op::get(key.clone()), Op::get(agg_key.clone()), Op::get(t_key.clone())]);
-            let result = self.store.txn(txn).await?;
-            if result.succeeded {
-                cache.traffic = Some((next_traffic, result.revision));
-                cache.aggregates.insert(agg_key, (next_agg, result.revision));
-                return Ok(true);
-            }
-            let mut responses = result.responses.into_iter();
-            let mut next_kv = || match responses.next() {
-                Some(OpResponse::Get(kv)) => Ok(kv),
-                other => Err(Error::Store(format!("unexpected transaction response {other:?}"))),
-            };
-            let (existing, agg_kv, t_kv) = (next_kv()?, next_kv()?, next_kv()?);
-            cache.aggregates.insert(
-                agg_key.clone(),
-                match agg_kv {
-                    Some(kv) => (AggregateRecord::decode(&agg_key, &kv.value)?, kv.mod_revision),
-                    None => Default::default(),
-                },
-            );
-            cache.traffic = Some(match t_kv {
-                Some(kv) => (TrafficRecord::decode(&t_key, &kv.value)?, kv.mod_revision),
-                None => Default::default(),
-            });
-            if existing.is_some() {
-                return Ok(false);
-            }
-        }
-        warn!(agent_id = %s.agent_id, seq = s.seq, "summary lost every compare-and-swap race");
-        Err(ApiError::Unavailable(format!(
-            "counters of agent {} are contended; retry the report",
-            s.agent_id
-        ))
-        .into())
-    }
-}
-
-/// Everything a running session needs; owned by its task.
-struct Session {
-    store: Arc<dyn Store>,
-    agent: AgentId,
-    session_id: String,
-    lease: LeaseId,
-    online_key: String,
-    online_value: Vec<u8>,
-    assignment_key: String,
-    state: AgentState,
-    last_sent: Option<String>,
-    tx: mpsc::Sender<Result<CoordinatorMessage>>,
-}
-
-impl Session {
-    /// Writes the agent record, only while this session holds the agent's online key.
-    async fn save(&self) -> Result<()> {
-        let txn = Txn::new()
-            .when([Compare::Value(self.online_key.clone(), self.online_value.clone().into())])
-            .and_then([Op::put(agent_key(&self.agent), self.state.encode())]);
-        if self.store.txn(txn).await?.succeeded { Ok(()) } else { Err(self.lost()) }
-    }
-
-    fn lost(&self) -> Error {
-        ApiError::Unavailable(format!(
-            "session {} of agent {} lost its lease (no heartbeat within the lease ttl) or was replaced; reconnect",
-            self.session_id, self.agent
-        ))
-        .into()
-    }
-
-    /// Sends the assignment unless this session sent the same id already.
-    async fn deliver(&mut self, assignment: Assignment) -> bool {
-        if self.last_sent.as_deref() == Some(assignment.assignment_id.as_str()) {
-            return true;
-        }
-        self.last_sent = Some(assignment.assignment_id.clone());
-        debug!(agent_id = %self.agent, assignment_id = %assignment.assignment_id, "assignment sent");
-        self.tx.send(Ok(CoordinatorMessage::Assignment(assignment))).await.is_ok()
-    }
-
-    async fn on_message(&mut self, msg: AgentMessage) -> Result<()> {
-        match msg {
-            AgentMessage::Hello(_) => {
-                Err(ApiError::invalid("hello", "only the first message of a session may be a hello").into())
-            }
-            AgentMessage::Heartbeat(h) => {
-                match self.store.keep_alive(self.lease).await {
-                    Ok(_) => {}
-                    Err(Error::LeaseExpired(_)) => return Err(self.lost()),
-                    Err(e) => return Err(e),
-                }
-                self.state.status = h.status;
-                self.state.last_heartbeat = SystemTime::now();
-                self.save().await
-            }
-            AgentMessage::Result(r) => {
-                info!(agent_id = %self.agent, assignment_id = %r.assignment_id, outcome = r.outcome.as_str(), message = %r.message, "assignment result");
-                self.state.last_result = Some((r, SystemTime::now()));
-                self.save().await
-            }
-        }
-    }
-
-    /// Runs until the agent leaves (Ok) or the session must end (the error to send).
-    async fn run(
-        &mut self,
-        mut messages: AgentMessages,
-        mut online: WatchStream,
-        mut assignments: WatchStream,
-        shutdown: CancellationToken,
-    ) -> Result<()> {
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => {
-                    return Err(ApiError::Unavailable("coordinator shutting down; reconnect".into()).into());
-                }
-                () = self.tx.closed() => return Ok(()),
-                msg = messages.next() => match msg {
-                    None => return Ok(()),
-                    Some(msg) => self.on_message(msg?).await?,
-                },
-                event = online.next() => match event {
-                    None => return Err(ApiError::Unavailable("store watch ended".into()).into()),
-                    Some(event) => match event? {
-                        e if e.key() != self.online_key => {}
-                        WatchEvent::Put(kv) if kv.value.as_ref() != self.online_value.as_slice() => {
-                            let newer = OnlineRecord::decode(&kv.key, &kv.value)?;
-                            return Err(ApiError::FailedPrecondition(format!(
-                                "session {} of agent {} was replaced by session {}",
-                                self.session_id, self.agent, newer.session_id
-                            ))
-                            .into());
-                        }
-                        WatchEvent::Put(_) => {}
-                        WatchEvent::Delete { .. } => return Err(self.lost()),
-                    },
-                },
-                event = assignments.next() => match event {
-                    None => return Err(ApiError::Unavailable("store watch ended".into()).into()),
-                    Some(event) => match event? {
-                        WatchEvent::Put(kv) if kv.key == self.assignment_key => {
-                            let assignment = records::decode_assignment(&kv.key, &kv.value)?;
-                            if !self.deliver(assignment).await {
-                                return Ok(());
-                            }
-                        }
-                        _ => {}
-                    },
-                },
-            }
-        }
+    fn ingest(&self) -> &Ingest {
+        // Started on first use: the writer task needs the runtime, which `new` may not run in.
+        self.ingest.get_or_init(|| Ingest::start(Arc::clone(&self.store)))
     }
 }
 
 #[async_trait::async_trait]
 impl FleetApi for Fleet {
     async fn session(&self, hello: Hello, messages: AgentMessages) -> Result<SessionStream> {
-        let agent = hello.agent_id.clone();
-        let session_id = fresh_id();
-        let lease = self.store.grant_lease(self.config.lease_ttl).await?;
-        let online_value = OnlineRecord { session_id: session_id.clone() }.encode();
-        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        let mut session = Session {
-            store: Arc::clone(&self.store),
-            agent: agent.clone(),
-            session_id: session_id.clone(),
-            lease,
-            online_key: online_key(&agent),
-            online_value: online_value.clone(),
-            assignment_key: assignment_key(&agent),
-            state: AgentState {
-                agent_id: agent.clone(),
-                labels: hello.labels,
-                agent_version: hello.agent_version,
-                status: hello.status,
-                last_heartbeat: SystemTime::now(),
-                session_id: session_id.clone(),
-                last_result: None,
-            },
-            last_sent: None,
-            tx,
-        };
-        let mut known = false;
-        let start = async {
-            let previous = self.load(&agent_key(&agent), AgentState::decode).await?;
-            known = previous.is_some();
-            session.state.last_result = previous.and_then(|(p, _)| p.last_result);
-            let online_rev = self.store.put(&session.online_key, online_value.into(), Some(lease)).await?;
-            session.save().await?;
-            self.apply_rules(&agent, &session.state.labels).await?;
-            let listing = self.store.list(&session.assignment_key).await?;
-            let current = exact(listing.kvs, &session.assignment_key)
-                .map(|kv| records::decode_assignment(&kv.key, &kv.value))
-                .transpose()?;
-            let online = self.store.watch(&session.online_key, online_rev).await?;
-            let assignments = self.store.watch(&session.assignment_key, listing.revision).await?;
-            Ok::<_, Error>((current, online, assignments))
-        };
-        let (current, online, assignments) = match start.await {
-            Ok(started) => started,
-            Err(e) => {
-                let _ = self.store.revoke_lease(lease).await;
-                return Err(e);
-            }
-        };
-        let welcome = Welcome {
-            session_id: session_id.clone(),
-            heartbeat_interval: self.config.heartbeat_interval,
-            lease_ttl: self.config.lease_ttl,
-        };
-        info!(agent_id = %agent, session_id = %session_id, lease = %lease, "agent session opened");
-        self.metrics.session_opened(known);
-        let metrics = Arc::clone(&self.metrics);
-        let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            let mut outcome = Ok(());
-            if session.tx.send(Ok(CoordinatorMessage::Welcome(welcome))).await.is_ok() {
-                let delivered = match current {
-                    Some(a) => session.deliver(a).await,
-                    None => true,
-                };
-                if delivered {
-                    outcome = session.run(messages, online, assignments, shutdown).await;
-                }
-            }
-            match session.store.revoke_lease(session.lease).await {
-                Ok(()) | Err(Error::LeaseExpired(_)) => {}
-                Err(e) => {
-                    warn!(agent_id = %session.agent, error = %e, "cannot revoke session lease; it expires")
-                }
-            }
-            metrics.session_ended(outcome.is_err());
-            match outcome {
-                Ok(()) => {
-                    info!(agent_id = %session.agent, session_id = %session.session_id, "agent session closed")
-                }
-                Err(e) => {
-                    info!(agent_id = %session.agent, session_id = %session.session_id, reason = %e, "agent session ended");
-                    let _ = session.tx.send(Err(e)).await;
-                }
-            }
-        });
-        Ok(tokio_stream::wrappers::ReceiverStream::new(rx).boxed())
+        self.sessions.open(hello, messages, Arc::clone(&self.metrics)).await
     }
 
     async fn assign(&self, spec: AssignSpec, trace: Option<TraceContext>) -> Result<Vec<AgentId>> {
@@ -690,21 +378,14 @@ impl FleetApi for Fleet {
         fields(agent_id = %report.agent_id, summaries = report.summaries.len(), new = tracing::field::Empty)
     )]
     async fn report_summaries(&self, report: SummaryReport) -> Result<Vec<u64>> {
-        let mut cache = CounterCache::default();
-        let mut acked = Vec::with_capacity(report.summaries.len());
         let mut seen = HashSet::new();
-        let mut new = 0usize;
-        for s in &report.summaries {
-            if !seen.insert(s.seq) {
-                continue;
-            }
-            let stored = self.store_summary(s, &mut cache).await?;
+        let summaries: Vec<Summary> = report.summaries.into_iter().filter(|s| seen.insert(s.seq)).collect();
+        let stored = self.ingest().store(summaries.clone()).await?;
+        let new = stored.iter().filter(|&&n| n).count();
+        for (s, stored) in summaries.iter().zip(stored) {
             self.metrics.summary_ingested(s, stored);
-            if stored {
-                new += 1;
-            }
-            acked.push(s.seq);
         }
+        let mut acked: Vec<u64> = summaries.iter().map(|s| s.seq).collect();
         acked.sort_unstable();
         tracing::Span::current().record("new", new);
         debug!(agent_id = %report.agent_id, new, duplicates = acked.len() - new, "summaries reported");
@@ -712,7 +393,10 @@ impl FleetApi for Fleet {
     }
 
     async fn list_agents(&self, selector: &LabelSelector) -> Result<Vec<AgentInfo>> {
-        list_agents(self.store.as_ref(), selector).await
+        let mut agents = list_agents(self.store.as_ref(), selector).await?;
+        // Local sessions know more than their last flushed record (heartbeat time, counters).
+        self.sessions.overlay(&mut agents);
+        Ok(agents)
     }
 
     async fn list_summaries(&self, query: SummaryQuery) -> Result<Vec<Summary>> {

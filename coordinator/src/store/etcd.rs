@@ -39,6 +39,8 @@ const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// one message. Requests stay bounded by etcd's own `--max-request-bytes` (1.5 MiB by default),
 /// which is why large payloads belong in the blob store, not here.
 const MAX_RESPONSE_BYTES: usize = 256 << 20;
+/// etcd's default `--max-txn-ops`: more ops in one transaction are refused.
+const ETCD_MAX_TXN_OPS: usize = 128;
 
 /// A [`Store`] on an etcd cluster, every key under a namespace prefix.
 #[derive(Clone)]
@@ -335,6 +337,10 @@ impl Store for EtcdStore {
     async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
         self.client.lease_client().revoke(lease.0).await.map_err(lease_err(lease.0))?;
         Ok(())
+    }
+
+    fn max_txn_ops(&self) -> usize {
+        ETCD_MAX_TXN_OPS
     }
 
     async fn current_revision(&self) -> Result<Revision> {

@@ -306,7 +306,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// The store's latest revision.
     async fn current_revision(&self) -> Result<Revision>;
+
+    /// Most ops one [`Txn`] branch (and most compares) the backend accepts, so batching
+    /// writers (agent records, summaries) size their transactions to fit.
+    fn max_txn_ops(&self) -> usize {
+        DEFAULT_MAX_TXN_OPS
+    }
 }
+
+/// [`Store::max_txn_ops`] of a backend without a limit of its own: large enough that batching
+/// pays off, small enough that one transaction stays short.
+pub const DEFAULT_MAX_TXN_OPS: usize = 1024;
 
 /// Rejects keys the data model does not allow (empty ones: etcd cannot store them).
 pub fn validate_key(key: &str) -> Result<()> {
