@@ -68,11 +68,11 @@ class Settings:
 
 FULL = Settings(
     name="full",
-    train_n=320,
+    train_n=480,
     held_n=60,
     mode="last-layers:2",
-    epochs=3,
-    lr="1e-3",
+    epochs=6,
+    lr="5e-4",
     batch_size=8,
     replay_n=120,
     inc_epochs=3,
@@ -87,11 +87,11 @@ FULL = Settings(
 )
 QUICK = Settings(
     name="quick",
-    train_n=120,
+    train_n=160,
     held_n=40,
     mode="last-layers:2",
-    epochs=4,
-    lr="1e-3",
+    epochs=8,
+    lr="5e-4",
     batch_size=8,
     replay_n=60,
     inc_epochs=3,

@@ -203,8 +203,9 @@ pub fn split(n: usize, held_out: usize, seed: u64) -> (Vec<usize>, Vec<usize>) {
 }
 
 /// Reads back the facts the label rules need from a record's preprocessed text
-/// ([`record_text`]) and rebuilds a record that has them: per series the first, maximum and
-/// last sample and as many dropouts as the text reports; the rated current; the note verbatim.
+/// ([`record_text`]) and rebuilds a record that has them: per series the maximum (and, where
+/// the text has them, the first and last samples) and as many dropouts as the text reports;
+/// the rated current; the note verbatim.
 ///
 /// The rules only look at max, first, last, dropouts, the rated current and the note, and the
 /// text prints them with one decimal, which is the precision of the generator's samples, so
@@ -226,20 +227,20 @@ pub fn record_from_text(text: &str) -> Option<Record> {
             note = Some(if n == "(none)" { String::new() } else { n.to_string() });
             continue;
         }
-        let (name, rest) = line.split_once([' ', ':'])?;
+        let (name, rest) = line.split_once(": ")?;
         let series = parse_series(rest)?;
         match name {
-            "temperature" => temp = Some(series),
-            "vibration" => vib = Some(series),
-            "current" => {
-                rated = Some(match rest.rsplit_once("of rated ") {
-                    Some((_, r)) => r.trim().parse::<f64>().ok()?,
+            "temperature C" => temp = Some(series),
+            "vibration mm/s" => vib = Some(series),
+            "current A" => {
+                rated = Some(match rest.split_once("of rated ") {
+                    Some((_, r)) => r.split(',').next()?.trim().parse::<f64>().ok()?,
                     // All samples dropped: the rules cannot exceed a ratio; any rating works.
                     None => 1.0,
                 });
                 cur = Some(series);
             }
-            "pressure" => pres = Some(series),
+            "pressure bar" => pres = Some(series),
             _ => return None,
         }
     }
@@ -263,37 +264,37 @@ pub fn label_text(text: &str) -> Option<Label> {
     record_from_text(text).map(|r| rules::label(&r))
 }
 
-/// A series with the stats of one text line: `… min A max B, F -> L (trend)[, N missing]` or
-/// `no samples (all N dropped out)`.
+/// A series with the stats of one text line after the name: `min A max M, F -> L (±D)[, …][, N
+/// missing]` or `all N missing`.
 fn parse_series(rest: &str) -> Option<Series> {
     let mut s: Series = [None; SAMPLES];
-    if rest.contains("no samples") {
+    if rest.starts_with("all ") {
         return Some(s);
     }
-    let after_min = rest.split_once(" min ")?.1;
-    let (min, after_max) = after_min.split_once(" max ")?;
-    let (max, after) = after_max.split_once(", ")?;
-    let (first, after) = after.split_once(" -> ")?;
-    let (last, after) = after.split_once(' ')?;
-    let parse = |v: &str| v.parse::<f64>().ok();
-    let (min, max, first, last) = (parse(min)?, parse(max)?, parse(first)?, parse(last)?);
-    let missing = match after.split(", ").find_map(|part| part.strip_suffix(" missing")) {
-        Some(n) => n.parse::<usize>().ok()?,
-        None => 0,
-    };
-    let present = SAMPLES.checked_sub(missing).filter(|&p| p > 0)?;
-    // first, max, min, then min again, last in the slots that exist; dropouts fill the end.
-    // With fewer than four samples the minimum is one of the others in any consistent text.
-    let values: Vec<f64> = match present {
-        1 => vec![first],
-        2 => vec![first, last],
-        3 => vec![first, if max > first.max(last) { max } else { min }, last],
-        n => {
-            let mut v = vec![first, max];
-            v.resize(n - 1, min);
-            v.push(last);
-            v
+    let parse = |v: &str| v.trim().parse::<f64>().ok();
+    let mut parts = rest.split(", ");
+    let (min, max) = parts.next()?.strip_prefix("min ")?.split_once(" max ")?;
+    let (min, max) = (parse(min)?, parse(max)?);
+    let (mut ends, mut missing) = (None, 0);
+    for part in parts {
+        if let Some((first, after)) = part.split_once(" -> ") {
+            ends = Some((parse(first)?, parse(after.split_once(" (")?.0)?));
+        } else if let Some(n) = part.strip_suffix(" missing") {
+            missing = n.parse::<usize>().ok()?;
         }
+    }
+    let (first, last) = ends?;
+    let present = SAMPLES.checked_sub(missing).filter(|&p| p > 0)?;
+    // First, then min and max where the ends are not already them, padded with max, then last;
+    // dropouts fill the end. With one sample first, min, max and last are that sample.
+    let values: Vec<f64> = if present == 1 {
+        vec![first]
+    } else {
+        let mut v = vec![first];
+        v.extend([min, max].into_iter().filter(|x| *x != first && *x != last));
+        v.resize(present - 1, max);
+        v.push(last);
+        v
     };
     for (slot, v) in s.iter_mut().zip(values) {
         *slot = Some(v);

@@ -170,7 +170,7 @@ impl TrainConfig {
     /// Defaults that suit each mode on the task (see docs/training.md).
     pub fn for_mode(mode: Mode) -> Self {
         let lr = match mode {
-            Mode::LastLayers(_) => 1e-4,
+            Mode::LastLayers(_) => 5e-4,
             Mode::Lora(_) => 1e-3,
             Mode::Full => 2e-5,
         };
@@ -193,8 +193,13 @@ impl TrainConfig {
 /// What a run did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainReport {
-    /// Mean label-token loss of every step, from step 0.
+    /// Loss of every step, from step 0: the mean over the batch of each answer's summed
+    /// cross-entropy (the negative log-probability the decision scores).
     pub losses: Vec<f32>,
+    /// Mean cross-entropy of the answers' first tokens at every step: the token that tells the
+    /// labels apart (the rest of an answer follows from it); ln 4 ≈ 1.39 is chance for four.
+    #[serde(default)]
+    pub first_token_losses: Vec<f32>,
     /// Steps of the schedule.
     pub total_steps: usize,
     /// Steps done when the run returned.
@@ -319,6 +324,8 @@ struct CheckpointMeta {
     step: usize,
     fingerprint: String,
     losses: Vec<f32>,
+    #[serde(default)]
+    first_token_losses: Vec<f32>,
 }
 
 /// Trains `model` (already [`prepare`]d) on `data`; resumes from `cfg.checkpoint` when it
@@ -360,7 +367,7 @@ pub fn train(model: &Llama, data: &TokenSet, cfg: &TrainConfig) -> Result<TrainR
         cfg.seed,
         slots.len()
     );
-    let mut losses = Vec::new();
+    let (mut losses, mut first_losses) = (Vec::new(), Vec::new());
     let mut start = 0;
     if let Some(ck) = &cfg.checkpoint
         && let Some(meta) = load_checkpoint(&ck.dir, &fingerprint, &mut slots)?
@@ -368,9 +375,11 @@ pub fn train(model: &Llama, data: &TokenSet, cfg: &TrainConfig) -> Result<TrainR
         info!(step = meta.step, dir = %ck.dir.display(), "resuming from checkpoint");
         start = meta.step;
         losses = meta.losses;
+        first_losses = meta.first_token_losses;
     }
     let mut report = TrainReport {
         losses: Vec::new(),
+        first_token_losses: Vec::new(),
         total_steps: total,
         steps_done: start,
         resumed_from: start,
@@ -393,6 +402,7 @@ pub fn train(model: &Llama, data: &TokenSet, cfg: &TrainConfig) -> Result<TrainR
     let t0 = Instant::now();
     let mut order: Vec<usize> = Vec::new();
     let mut order_epoch = usize::MAX;
+    let (mut right_epoch, mut right_seen) = (usize::MAX, (0usize, 0usize));
     for step in start..end {
         let epoch = step / steps_per_epoch;
         if epoch != order_epoch {
@@ -405,7 +415,18 @@ pub fn train(model: &Llama, data: &TokenSet, cfg: &TrainConfig) -> Result<TrainR
         for s in &mut slots {
             s.param.zero_grad();
         }
-        let loss = batch_loss(model, data, batch, trunk_end, cache.as_ref())?;
+        let (loss, first_token, right) = batch_loss(model, data, batch, trunk_end, cache.as_ref())?;
+        if epoch != right_epoch {
+            if right_epoch != usize::MAX {
+                info!(
+                    epoch = right_epoch,
+                    accuracy = right_seen.0 as f64 / right_seen.1.max(1) as f64,
+                    "training accuracy during the epoch"
+                );
+            }
+            (right_epoch, right_seen) = (epoch, (0, 0));
+        }
+        right_seen = (right_seen.0 + right, right_seen.1 + batch.len());
         loss.backward();
         let lr = learning_rate(cfg.lr, step, cfg.warmup_steps, total);
         adamw_step(&mut slots, step + 1, lr, cfg.weight_decay, cfg.clip_norm);
@@ -414,9 +435,10 @@ pub fn train(model: &Llama, data: &TokenSet, cfg: &TrainConfig) -> Result<TrainR
             return Err(Error::Invalid(format!("loss is {value} at step {step}; lower the learning rate")));
         }
         losses.push(value);
+        first_losses.push(first_token);
         report.train_tokens += batch.iter().map(|&i| data.sequence_len(i) as u64).sum::<u64>();
         if step % 10 == 0 || step + 1 == end {
-            info!(step, total, loss = value, lr, "step");
+            info!(step, total, loss = value, first_token_loss = first_token, lr, "step");
         }
         if let Some(ck) = &cfg.checkpoint
             && ck.every > 0
@@ -424,10 +446,22 @@ pub fn train(model: &Llama, data: &TokenSet, cfg: &TrainConfig) -> Result<TrainR
         {
             save_checkpoint(
                 &ck.dir,
-                &CheckpointMeta { step: step + 1, fingerprint: fingerprint.clone(), losses: losses.clone() },
+                &CheckpointMeta {
+                    step: step + 1,
+                    fingerprint: fingerprint.clone(),
+                    losses: losses.clone(),
+                    first_token_losses: first_losses.clone(),
+                },
                 &slots,
             )?;
         }
+    }
+    if right_seen.1 > 0 {
+        info!(
+            epoch = right_epoch,
+            accuracy = right_seen.0 as f64 / right_seen.1 as f64,
+            "training accuracy during the epoch"
+        );
     }
     for s in &mut slots {
         s.param.zero_grad();
@@ -435,6 +469,7 @@ pub fn train(model: &Llama, data: &TokenSet, cfg: &TrainConfig) -> Result<TrainR
     report.train_seconds = t0.elapsed().as_secs_f64();
     report.steps_done = end.max(start);
     report.losses = losses;
+    report.first_token_losses = first_losses;
     Ok(report)
 }
 
@@ -456,11 +491,12 @@ fn build_cache(model: &Llama, data: &TokenSet, trunk_end: usize) -> Result<Activ
     let prefix_in = prefix_embedding(model, data)?;
     let mut prefix = None;
     let mut rows = Vec::with_capacity(data.examples.len());
-    // Similar lengths per batch waste less on padding; the cache is indexed by example.
+    // Similar lengths per batch waste less on padding, and the prefix runs once per batch (32
+    // rows keep that under a tenth of the pass); the cache is indexed by example.
     let mut order: Vec<usize> = (0..data.examples.len()).collect();
     order.sort_by_key(|&i| data.examples[i].ids.len());
     let mut slots: Vec<Option<Tensor>> = (0..data.examples.len()).map(|_| None).collect();
-    for chunk in order.chunks(16) {
+    for chunk in order.chunks(32) {
         let inputs: Vec<Vec<u32>> = chunk.iter().map(|&i| data.input(i)).collect();
         let (ids, _) = pad_ids(&inputs);
         let x = model.embed(&ids.to_device(device))?;
@@ -484,14 +520,16 @@ fn prefix_embedding(model: &Llama, data: &TokenSet) -> Result<Option<Tensor>> {
     Ok(Some(model.embed(&Tensor::from_slice(&ids).view([1, -1]))?))
 }
 
-/// Mean cross-entropy of the answer tokens of `batch`.
+/// The loss of `batch`: the mean over its examples of the answer's summed cross-entropy; and
+/// the mean cross-entropy of the answers' first tokens (the token that tells the labels apart),
+/// for the logs; and how many of the batch the model gets right before the step.
 fn batch_loss(
     model: &Llama,
     data: &TokenSet,
     batch: &[usize],
     trunk_end: usize,
     cache: Option<&ActivationCache>,
-) -> Result<Tensor> {
+) -> Result<(Tensor, f32, usize)> {
     let device = model.device();
     let layers = model.config().num_hidden_layers;
     let inputs: Vec<Vec<u32>> = batch.iter().map(|&i| data.input(i)).collect();
@@ -519,9 +557,10 @@ fn batch_loss(
         }
     };
     let (_, out) = model.run_span(prefix.as_ref(), &x, trunk_end..layers)?;
-    let (mut slots, mut targets) = (Vec::new(), Vec::new());
+    let (mut slots, mut targets, mut firsts) = (Vec::new(), Vec::new(), Vec::new());
     for (r, &i) in batch.iter().enumerate() {
         let e = &data.examples[i];
+        firsts.push(slots.len() as i64);
         for (j, &token) in data.candidates[e.label].iter().enumerate() {
             slots.push(r as i64 * t + (e.ids.len() - 1 + j) as i64);
             targets.push(i64::from(token));
@@ -529,7 +568,28 @@ fn batch_loss(
     }
     let hidden = out.view([-1, out.size()[2]]).index_select(0, &Tensor::from_slice(&slots).to_device(device));
     let logits = model.logits(&model.final_norm(&hidden));
-    Ok(logits.cross_entropy_for_logits(&Tensor::from_slice(&targets).to_device(device)))
+    let nll = logits
+        .log_softmax(-1, Kind::Float)
+        .gather(1, &Tensor::from_slice(&targets).to_device(device).view([-1, 1]), false)
+        .neg()
+        .view([-1]);
+    let firsts = Tensor::from_slice(&firsts).to_device(device);
+    let (first_token, right) = tch::no_grad(|| {
+        // Which label's first token the model ranks highest: the decision, up to the answers'
+        // later tokens (which follow from the first when the first tokens differ, as here).
+        let heads: Vec<i64> = data.candidates.iter().map(|c| i64::from(c[0])).collect();
+        let said = logits
+            .index_select(0, &firsts)
+            .index_select(1, &Tensor::from_slice(&heads).to_device(device))
+            .argmax(-1, false);
+        let truth: Vec<i64> = batch.iter().map(|&i| data.examples[i].label as i64).collect();
+        let right =
+            said.eq_tensor(&Tensor::from_slice(&truth).to_device(device)).sum(Kind::Int64).int64_value(&[]);
+        (nll.index_select(0, &firsts).mean(Kind::Float).double_value(&[]), right as usize)
+    });
+    // Per example, the answer's summed negative log-probability: what the agent's decision
+    // scores (the summed log-probability of each label's answer), averaged over the batch.
+    Ok((nll.sum(Kind::Float) / batch.len() as f64, first_token as f32, right))
 }
 
 /// One AdamW update (β = 0.9, 0.999; ε = 1e-8) after clipping the global gradient norm.

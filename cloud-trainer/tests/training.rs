@@ -241,6 +241,37 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
 }
 
 #[test]
+fn the_training_loss_is_the_negative_score_the_agent_decides_by() {
+    // Same prompt layout in training and in the agent's scoring: positions, shared prefix and
+    // the end token. Step 0's loss (before any update) of a whole-set batch is the mean of
+    // −log P(answer) that `Llama::score` gives the true label, with and without the cache.
+    let set = data(10, 9);
+    let model = tiny(9);
+    let prefix = model.prefix(&set.prefix).unwrap();
+    let prompts: Vec<Vec<u32>> = set.examples.iter().map(|e| e.ids.clone()).collect();
+    let scores = model.score(Some(&prefix), &prompts, &set.candidates).unwrap();
+    let expected = -set.examples.iter().zip(&scores).map(|(e, s)| f64::from(s[e.label])).sum::<f64>() / 10.0;
+    for cache in [true, false] {
+        let mut model = tiny(9);
+        train::prepare(&mut model, Mode::LastLayers(1), 0, None).unwrap();
+        let cfg = TrainConfig {
+            batch_size: 10,
+            activation_cache: cache,
+            stop_after: Some(1),
+            ..cfg(Mode::LastLayers(1), 1e-3, 1)
+        };
+        let report = train::train(&model, &set, &cfg).unwrap();
+        let loss = f64::from(report.losses[0]);
+        assert!(
+            (loss - expected).abs() < 1e-4 * expected.abs().max(1.0),
+            "cache {cache}: {loss} vs {expected}"
+        );
+        assert_eq!(report.first_token_losses.len(), 1);
+        assert!(f64::from(report.first_token_losses[0]) <= loss);
+    }
+}
+
+#[test]
 fn evaluation_scores_like_the_agent() {
     let set = data(12, 6);
     let model = tiny(6);
