@@ -142,9 +142,19 @@ impl Sessions {
                 let from = self.store.current_revision().await?;
                 let weak = Arc::downgrade(self);
                 tokio::spawn(run_hub(weak.clone(), Arc::clone(&self.store), from, self.stop.clone()));
-                tokio::spawn(run_reaper(weak.clone(), self.reap_tick(), self.stop.clone()));
-                tokio::spawn(run_flusher(weak.clone(), self.flush_interval(), self.stop.clone()));
-                tokio::spawn(run_lease_keeper(weak, self.config.lease_ttl / 3, self.stop.clone()));
+                let reap = tokio::time::interval(self.reap_tick());
+                tokio::spawn(every(weak.clone(), reap, self.stop.clone(), |s| async move { s.reap() }));
+                let flush = tokio::time::interval(self.flush_interval());
+                tokio::spawn(every(
+                    weak.clone(),
+                    flush,
+                    self.stop.clone(),
+                    |s| async move { s.flush().await },
+                ));
+                // The lease was just granted: its first renewal is one period away.
+                let renew = (self.config.lease_ttl / 3).max(Duration::from_millis(10));
+                let renew = tokio::time::interval_at(tokio::time::Instant::now() + renew, renew);
+                tokio::spawn(every(weak, renew, self.stop.clone(), |s| async move { s.keep_lease().await }));
                 info!(lease = %lease, from, "fleet session hub started");
                 Ok::<_, Error>(())
             })
@@ -667,8 +677,15 @@ async fn resync(sessions: &Sessions, store: &dyn Store) -> Result<Revision> {
     Ok(online.revision.min(assignments.revision))
 }
 
-async fn run_reaper(sessions: std::sync::Weak<Sessions>, tick: Duration, stop: CancellationToken) {
-    let mut interval = tokio::time::interval(tick);
+/// Runs `job` on the sessions at each tick of `interval` (a missed tick is delayed, not
+/// bunched) until `stop` is cancelled or the sessions are dropped: the reaper, the flusher and
+/// the lease keeper.
+async fn every<Fut: std::future::Future<Output = ()>>(
+    sessions: std::sync::Weak<Sessions>,
+    mut interval: tokio::time::Interval,
+    stop: CancellationToken,
+    job: impl Fn(Arc<Sessions>) -> Fut,
+) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -676,33 +693,6 @@ async fn run_reaper(sessions: std::sync::Weak<Sessions>, tick: Duration, stop: C
             _ = interval.tick() => {}
         }
         let Some(sessions) = sessions.upgrade() else { return };
-        sessions.reap();
-    }
-}
-
-async fn run_flusher(sessions: std::sync::Weak<Sessions>, every: Duration, stop: CancellationToken) {
-    let mut interval = tokio::time::interval(every);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = interval.tick() => {}
-        }
-        let Some(sessions) = sessions.upgrade() else { return };
-        sessions.flush().await;
-    }
-}
-
-async fn run_lease_keeper(sessions: std::sync::Weak<Sessions>, every: Duration, stop: CancellationToken) {
-    let mut interval = tokio::time::interval(every.max(Duration::from_millis(10)));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    interval.tick().await;
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = interval.tick() => {}
-        }
-        let Some(sessions) = sessions.upgrade() else { return };
-        sessions.keep_lease().await;
+        job(sessions).await;
     }
 }
