@@ -37,7 +37,13 @@ lint: setup ## rustfmt and clippy, warnings are errors
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: setup fixtures lint build ## every check and test: fmt, clippy, the whole suite
+# No `build` prerequisite: the test build compiles every workspace binary the end-to-end tests run
+# (each package with a binary has integration tests, so cargo builds its binaries into
+# target/debug/), with the features the tests unify (dev-dependencies turn on e.g. libc's
+# `extra_traits` and rustix's `fs`). A separate `cargo build --workspace --bins` first resolves
+# features without dev-dependencies, so on a clean clone it compiled most of the dependency
+# graph a second time.
+test: setup fixtures lint ## every check and test: fmt, clippy, the whole suite
 	$(CARGO) nextest run --workspace --profile ci
 
 # QUICK=1: the short variant (smaller data, fewer steps, smaller held-out sets); SERVE=1: keep the coordinator

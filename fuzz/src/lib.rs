@@ -1,6 +1,6 @@
 //! One function per parser of untrusted bytes, shared by the `cargo fuzz` targets
 //! (`fuzz_targets/`) and by the regression test that replays `regressions/` and the corpus in
-//! `make test` (`tests/tests/fuzz_regressions.rs` includes this file). The targets of the model
+//! `make test` (`tests/tests/it/fuzz_regressions.rs` includes this file). The targets of the model
 //! crate, which links libtorch, are in `model_targets.rs`, built only with the `model` feature.
 //!
 //! Each function feeds the bytes to the same code an agent or the coordinator runs on data

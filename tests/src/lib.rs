@@ -1,8 +1,10 @@
 //! Helpers for end-to-end tests that drive the real LLMChain binaries.
 //!
-//! The binaries come from the same target directory as the test executable (`make test`
-//! builds them first with `cargo build --workspace --bins`); a missing one fails the test with
-//! that instruction rather than silently skipping.
+//! The binaries come from the same target directory as the test executable: `cargo nextest run
+//! --workspace` (what `make test` runs) builds every package's binaries along with its
+//! integration tests. Running only this package's tests does not rebuild the other packages'
+//! binaries, so build them first (`cargo build --workspace --bins`); a missing one fails the test
+//! with that instruction rather than silently skipping.
 
 pub mod fleet;
 pub mod mosquitto;
@@ -25,7 +27,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.is_file(),
-        "{} is missing: build the binaries first (`cargo build --workspace --bins`, which `make test` runs)",
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`)",
         path.display()
     );
     path

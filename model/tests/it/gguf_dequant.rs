@@ -2,9 +2,7 @@
 //! independently of the crate's unpacking) decode to the values they were built from, and real
 //! SmolLM2 tensors decode to exactly what the python `gguf` package computes.
 
-mod gguf_writer;
-
-use gguf_writer::{GgufWriter, XorShift, f16_bytes};
+use crate::gguf_writer::{GgufWriter, XorShift, f16_bytes};
 use llmchain_model::gguf::{GgmlType, Gguf};
 
 /// Builds a one-tensor file and dequantises the tensor.

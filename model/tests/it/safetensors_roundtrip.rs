@@ -4,12 +4,10 @@
 //!
 //! Needs `make setup` (model, libtorch, the Python venv with transformers).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{max_abs_diff, model, read_f32};
+use crate::common::{max_abs_diff, model, read_f32};
 use llmchain_model::{Llama, LlamaConfig, SaveDtype, load_pretrained};
 use tch::{Device, Kind, Tensor};
 

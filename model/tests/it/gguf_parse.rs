@@ -2,11 +2,9 @@
 //! and a corpus of corrupt and truncated files built here each yields a clean error (or, for
 //! harmless value mutations, a consistent file) without a panic.
 
-mod gguf_writer;
-
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use gguf_writer::{FieldKind, GgufWriter, XorShift, sample};
+use crate::gguf_writer::{FieldKind, GgufWriter, XorShift, sample};
 use llmchain_model::Error;
 use llmchain_model::gguf::{GgmlType, Gguf, Value};
 

@@ -2,12 +2,10 @@
 //! renderings (fixtures from `scripts/reference/tokens.py`, run by `make fixtures`), decodes back
 //! to the input, and survives the `tokenizer.json` round trip artifacts use.
 
-mod gguf_writer;
-
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use gguf_writer::GgufWriter;
+use crate::gguf_writer::GgufWriter;
 use llmchain_model::gguf::{Gguf, Value};
 use llmchain_model::tokenizer::{ChatMessage, Tokenizer};
 

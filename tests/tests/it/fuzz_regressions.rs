@@ -6,12 +6,12 @@
 //! `write_seed_corpus` (ignored; run it by name) writes the seed inputs the corpus grew from:
 //! manifests and statements signed with the harness's fixed keys, summaries, records.
 
-#[path = "../../model/tests/gguf_writer/mod.rs"]
+#[path = "../../../model/tests/it/gguf_writer/mod.rs"]
 mod gguf_writer;
-#[path = "../../fuzz/src/lib.rs"]
+#[path = "../../../fuzz/src/lib.rs"]
 #[allow(dead_code)]
 mod harness;
-#[path = "../../fuzz/src/model_targets.rs"]
+#[path = "../../../fuzz/src/model_targets.rs"]
 mod model_targets;
 
 use std::{

@@ -5,9 +5,7 @@
 //!
 //! `PROPTEST_CASES` raises the case count for a longer fuzzing run.
 
-mod gguf_writer;
-
-use gguf_writer::{GgufWriter, sample};
+use crate::gguf_writer::{GgufWriter, sample};
 use llmchain_model::gguf::{GgmlType, Gguf, Value};
 use proptest::prelude::*;
 

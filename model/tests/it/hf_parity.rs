@@ -3,9 +3,7 @@
 //!
 //! Needs `make setup` (model, libtorch) and `make fixtures` (reference outputs).
 
-mod common;
-
-use common::{int_rows, manifest, max_abs_diff, model, read_f32};
+use crate::common::{self, int_rows, manifest, max_abs_diff, model, read_f32};
 use llmchain_model::tokenizer::ChatMessage;
 use llmchain_model::{GenerateOptions, Llama, StopReason};
 use tch::{Device, Kind, Tensor};
