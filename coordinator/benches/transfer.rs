@@ -19,7 +19,9 @@
 //! `BENCH_CHUNK_KIB` (default 1024, the registry's default chunk size), `BENCH_FRAME_KIB` and
 //! `BENCH_WINDOW_MIB` (HTTP/2 frame and window sizes, default the registry's recommendations),
 //! `BENCH_ADAPTIVE=1` (HTTP/2 adaptive window), `BENCH_ONLY=grpc|tcp` (only the verified
-//! passes or only the raw copies after the first pass, e.g. under `perf record`).
+//! passes or only the raw copies after the first pass, e.g. under `perf record`),
+//! `BENCH_CLIENT=tonic` (read with the generated client, whose decoder copies every frame,
+//! instead of the agents' [`llmchain_proto::fetch`] client).
 
 use std::{
     io::Read,
@@ -39,13 +41,16 @@ use llmchain_coordinator::{
     },
     store::embedded::EmbeddedStore,
 };
-use llmchain_proto::pb::{self, registry_client::RegistryClient};
+use llmchain_proto::{
+    fetch,
+    pb::{self, registry_client::RegistryClient},
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Endpoint, Server};
+use tonic::transport::{Channel, Endpoint, Server};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -88,16 +93,37 @@ fn blob_chunks(total: u64) -> impl Iterator<Item = Bytes> {
     })
 }
 
-async fn grpc_pass(
-    client: &mut RegistryClient<tonic::transport::Channel>,
-    digest: Digest,
-    chunk: u32,
-) -> u64 {
+/// Largest message the clients accept.
+const MAX_MESSAGE_BYTES: usize = 8 << 20;
+
+/// Which gRPC client reads the blob.
+#[derive(Clone, Copy, PartialEq)]
+enum Client {
+    /// [`llmchain_proto::fetch`], as the edge agent reads blobs.
+    Agent,
+    /// The generated `RegistryClient` (tonic's decoder).
+    Tonic,
+}
+
+async fn grpc_pass(channel: &Channel, client: Client, digest: Digest, chunk: u32) -> u64 {
     let req = pb::FetchBlobRequest { digest: digest.to_string(), offset: 0, length: 0, chunk_size: chunk };
-    let mut stream = client.fetch_blob(req).await.expect("fetch starts").into_inner();
     let mut n = 0u64;
-    while let Some(m) = stream.message().await.expect("fetch streams") {
-        n += m.data.len() as u64;
+    match client {
+        Client::Agent => {
+            let mut chunks =
+                fetch::fetch_blob(&mut channel.clone(), req, MAX_MESSAGE_BYTES).await.expect("fetch starts");
+            while let Some(m) = chunks.message().await.expect("fetch streams") {
+                n += m.data.len() as u64;
+            }
+        }
+        Client::Tonic => {
+            let mut client =
+                RegistryClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
+            let mut stream = client.fetch_blob(req).await.expect("fetch starts").into_inner();
+            while let Some(m) = stream.message().await.expect("fetch streams") {
+                n += m.data.len() as u64;
+            }
+        }
     }
     n
 }
@@ -144,12 +170,8 @@ struct H2 {
 }
 
 /// Starts a registry on a fresh [`VerifiedBlobs`] (nothing verified yet, as after a coordinator
-/// restart) over `local`, and connects a client to it.
-async fn start_registry(
-    local: Arc<LocalBlobStore>,
-    state: &std::path::Path,
-    h2: H2,
-) -> RegistryClient<tonic::transport::Channel> {
+/// restart) over `local`, and connects a channel to it.
+async fn start_registry(local: Arc<LocalBlobStore>, state: &std::path::Path, h2: H2) -> Channel {
     let blobs = Arc::new(VerifiedBlobs::new(local));
     let store = Arc::new(EmbeddedStore::open(state).await.expect("store"));
     let registry = Arc::new(Registry::new(RegistryConfig::new(TrustedKeys::default()), store, blobs));
@@ -168,7 +190,7 @@ async fn start_registry(
             .add_service(service(registry))
             .serve_with_incoming(incoming),
     );
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
+    Endpoint::from_shared(format!("http://{addr}"))
         .expect("endpoint")
         .tcp_nodelay(true)
         .initial_stream_window_size(h2.window)
@@ -177,8 +199,7 @@ async fn start_registry(
         .max_frame_size(h2.frame)
         .connect()
         .await
-        .expect("connect");
-    RegistryClient::new(channel).max_decoding_message_size(8 << 20)
+        .expect("connect")
 }
 
 /// Wall times and total CPU time of a series of passes over the same bytes.
@@ -221,6 +242,8 @@ async fn main() {
     let frame = (env_u64("BENCH_FRAME_KIB", u64::from(H2_MAX_FRAME_BYTES >> 10)) << 10) as u32;
     let h2 = H2 { window, frame: (frame > 0).then_some(frame), adaptive: env_u64("BENCH_ADAPTIVE", 0) == 1 };
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let client =
+        if std::env::var("BENCH_CLIENT").is_ok_and(|c| c == "tonic") { Client::Tonic } else { Client::Agent };
     let dir = tempfile::tempdir().expect("temp dir");
 
     let local = Arc::new(LocalBlobStore::open(dir.path().join("blobs")).await.expect("blob store"));
@@ -238,11 +261,12 @@ async fn main() {
 
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "blob: {mib} MiB, chunk {} KiB, h2 window {} MiB, frame {:?}, adaptive {}, {rounds} rounds (best of); load average {}",
+        "blob: {mib} MiB, chunk {} KiB, h2 window {} MiB, frame {:?}, adaptive {}, {} client, {rounds} rounds (best of); load average {}",
         chunk >> 10,
         h2.window >> 20,
         h2.frame,
         h2.adaptive,
+        if client == Client::Agent { "agent (llmchain_proto::fetch)" } else { "tonic" },
         load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
     );
     println!("{:<52} {:8.1} MB/s", "sha256 of the blob in memory, one thread (sha2):", mbps(total, hashing));
@@ -250,10 +274,10 @@ async fn main() {
     let (mut first, mut verified, mut tcp) = (Passes::default(), Passes::default(), Passes::default());
     for round in 0..rounds {
         let state = dir.path().join(format!("state-{round}.redb"));
-        let mut client = start_registry(local.clone(), &state, h2).await;
-        first.time(total, grpc_pass(&mut client, digest, chunk as u32)).await;
+        let channel = start_registry(local.clone(), &state, h2).await;
+        first.time(total, grpc_pass(&channel, client, digest, chunk as u32)).await;
         if only != "tcp" {
-            verified.time(total, grpc_pass(&mut client, digest, chunk as u32)).await;
+            verified.time(total, grpc_pass(&channel, client, digest, chunk as u32)).await;
         }
         if only != "grpc" {
             tcp.time(total, tcp_pass(path.clone(), chunk as usize)).await;

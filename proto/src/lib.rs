@@ -6,6 +6,7 @@
 //! ([`error`]). Service logic elsewhere only ever sees domain types.
 
 pub mod error;
+pub mod fetch;
 pub mod model;
 
 pub use error::{ApiError, ApiResult};

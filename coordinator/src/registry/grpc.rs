@@ -135,7 +135,7 @@ fn decode_request(body: &[u8]) -> Result<pb::FetchBlobRequest, Status> {
 /// `offset` and `total_size`, then the key and length of `data`, whose bytes follow.
 fn message_head(offset: u64, total_size: u64, data_len: usize) -> Bytes {
     use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
-    let fields = pb::FetchBlobResponse { offset, data: Vec::new(), total_size };
+    let fields = pb::FetchBlobResponse { offset, data: Bytes::new(), total_size };
     // Like prost, an empty `data` is left out.
     let data_key_len = if data_len > 0 { key_len(2) + encoded_len_varint(data_len as u64) } else { 0 };
     let head_len = fields.encoded_len() + data_key_len;
@@ -401,7 +401,7 @@ impl<R: RegistryApi> pb::registry_server::Registry for RegistryGrpc<R> {
         let total_size = fetch.total_size;
         let stream = fetch.chunks.map(move |chunk| {
             chunk
-                .map(|c| pb::FetchBlobResponse { offset: c.offset, data: Vec::from(c.data), total_size })
+                .map(|c| pb::FetchBlobResponse { offset: c.offset, data: c.data, total_size })
                 .map_err(status)
         });
         Ok(Response::new(Box::pin(stream)))
@@ -417,7 +417,7 @@ mod tests {
         for (offset, total_size, len) in
             [(0, 0, 0), (0, 5, 5), (1 << 20, 600 << 20, 1 << 20), (u64::MAX, 1, 4 << 20)]
         {
-            let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let data: Bytes = (0..len).map(|i| (i * 7) as u8).collect();
             let mut wire = message_head(offset, total_size, data.len()).to_vec();
             wire.extend_from_slice(&data);
             let expected = pb::FetchBlobResponse { offset, data, total_size };

@@ -23,6 +23,7 @@ use std::{
 use futures::{StreamExt, TryStreamExt, stream};
 use llmchain_artifact::{Hasher, TrustedKeys, plan_delta};
 use llmchain_proto::{
+    fetch,
     model::{Digest, ModelRef, SignedManifest},
     pb::{self, registry_client::RegistryClient},
 };
@@ -141,6 +142,8 @@ struct Download<'a> {
 /// Fetches verified model versions from the coordinator's registry into a [`BlobCache`].
 pub struct Syncer {
     client: RegistryClient<TracedChannel>,
+    /// The client's channel, for `FetchBlob` ([`llmchain_proto::fetch`]: chunks without a copy).
+    channel: TracedChannel,
     cache: BlobCache,
     config: SyncerConfig,
     limiter: Option<RateLimiter>,
@@ -173,9 +176,11 @@ impl Syncer {
     /// A syncer over an existing channel (see [`Syncer::endpoint`] for suitable settings);
     /// its calls carry the caller's trace context.
     pub fn new(channel: Channel, cache: BlobCache, config: SyncerConfig) -> Self {
-        let client = RegistryClient::new(traced(channel)).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let channel = traced(channel);
+        let client = RegistryClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let limiter = config.max_rate.map(RateLimiter::new);
-        Syncer { client, cache, config, limiter, metrics: Arc::default(), progress: watch::Sender::new(None) }
+        let progress = watch::Sender::new(None);
+        Syncer { client, channel, cache, config, limiter, metrics: Arc::default(), progress }
     }
 
     /// The cache the syncer fills.
@@ -450,9 +455,9 @@ impl Syncer {
             length: 0,
             chunk_size: self.config.chunk_size,
         };
-        let mut client = self.client.clone();
-        let mut chunks = match timeout(idle, client.fetch_blob(req)).await {
-            Ok(Ok(resp)) => resp.into_inner(),
+        let mut channel = self.channel.clone();
+        let mut chunks = match timeout(idle, fetch::fetch_blob(&mut channel, req, MAX_MESSAGE_BYTES)).await {
+            Ok(Ok(chunks)) => chunks,
             Ok(Err(status)) => return Err(classify(&what, status)),
             Err(_) => return Err(Attempt::Transient(format!("no answer within {idle:?}"))),
         };

@@ -148,7 +148,11 @@ impl Registry for Hostile {
             .chunks(chunk)
             .enumerate()
             .map(|(i, c)| {
-                Ok(pb::FetchBlobResponse { offset: (start + i * chunk) as u64, data: c.to_vec(), total_size })
+                Ok(pb::FetchBlobResponse {
+                    offset: (start + i * chunk) as u64,
+                    data: c.to_vec().into(),
+                    total_size,
+                })
             })
             .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
