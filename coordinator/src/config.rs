@@ -27,7 +27,9 @@ pub struct ServeArgs {
     /// Concurrent requests across connections before shedding load [default: 4096].
     #[arg(long, env = "LLMCHAIN_MAX_CONCURRENT", value_name = "N")]
     pub max_concurrent: Option<usize>,
-    /// Largest gRPC message in bytes [default: 8388608].
+    /// Largest request message any service accepts, in bytes; larger ones are refused with
+    /// OUT_OF_RANGE [default: each service's own limit: registry 17 MiB, fleet 16 MiB, rollouts
+    /// 4 MiB].
     #[arg(long, env = "LLMCHAIN_MAX_MESSAGE_BYTES", value_name = "BYTES")]
     pub max_message_bytes: Option<usize>,
     /// Where state lives: `embedded:PATH` (one local file) or `etcd:URL[,URL…][?prefix=P]`
@@ -137,12 +139,15 @@ impl ServeArgs {
                 .max_concurrent_per_conn
                 .unwrap_or(defaults.per_connection_concurrency),
             global_concurrency: merged.max_concurrent.unwrap_or(defaults.global_concurrency),
-            max_message_bytes: merged.max_message_bytes.unwrap_or(defaults.max_message_bytes),
+            max_message_bytes: merged.max_message_bytes.or(defaults.max_message_bytes),
         };
         anyhow::ensure!(limits.request_timeout > Duration::ZERO, "request_timeout_s must be at least 1");
         anyhow::ensure!(limits.per_connection_concurrency > 0, "max_concurrent_per_conn must be at least 1");
         anyhow::ensure!(limits.global_concurrency > 0, "max_concurrent must be at least 1");
-        anyhow::ensure!(limits.max_message_bytes >= 64 << 10, "max_message_bytes must be at least 65536");
+        anyhow::ensure!(
+            limits.max_message_bytes.is_none_or(|n| n >= 64 << 10),
+            "max_message_bytes must be at least 65536"
+        );
         let fleet_defaults = FleetConfig::default();
         let fleet = FleetConfig {
             heartbeat_interval: merged

@@ -135,9 +135,18 @@ async fn main() -> anyhow::Result<()> {
                 Err(e) => return Err(e).context("cannot serve the dashboard and /metrics"),
             };
             let mut services = server::ServiceSet::default();
-            services.add(registry::service(registry));
-            services.add(fleet::service_with_enrollment(fleet, enrollment));
-            services.add(rollout::service(rollouts));
+            let (registry, fleet, rollouts) = (
+                registry::service(registry),
+                fleet::service_with_enrollment(fleet, enrollment),
+                rollout::service(rollouts),
+            );
+            match settings.limits.max_message_bytes {
+                Some(n) => services
+                    .add(registry.max_decoding_message_size(n))
+                    .add(fleet.max_decoding_message_size(n))
+                    .add(rollouts.max_decoding_message_size(n)),
+                None => services.add(registry).add(fleet).add(rollouts),
+            };
             let auth_mode = if tls.is_some() { auth::AuthMode::Mtls } else { auth::AuthMode::Insecure };
             let authz = auth::Authorizer::start(
                 state.clone(),

@@ -29,8 +29,10 @@ pub struct Limits {
     /// Concurrent requests across all connections before new ones are shed with
     /// `UNAVAILABLE` instead of queueing.
     pub global_concurrency: usize,
-    /// Largest decoded or encoded message in bytes.
-    pub max_message_bytes: usize,
+    /// Largest request message any service decodes, when set: it replaces each service's own
+    /// limit (registry 17 MiB, fleet 16 MiB, rollouts 4 MiB). Responses keep the service's
+    /// limit. Applied where the services are built ([`ServiceSet::add`] takes them as given).
+    pub max_message_bytes: Option<usize>,
 }
 
 impl Default for Limits {
@@ -39,7 +41,7 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(30),
             per_connection_concurrency: 256,
             global_concurrency: 4096,
-            max_message_bytes: 8 << 20,
+            max_message_bytes: None,
         }
     }
 }

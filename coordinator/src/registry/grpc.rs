@@ -59,6 +59,15 @@ pub fn service<R: RegistryApi>(registry: Arc<R>) -> RegistryService<R> {
     RegistryService { generated, registry }
 }
 
+impl<R> RegistryService<R> {
+    /// Replaces the largest request message the generated methods accept (`FetchBlob`
+    /// requests have their own, smaller limit).
+    pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+        self.generated = self.generated.max_decoding_message_size(limit);
+        self
+    }
+}
+
 /// Path of the one method [`RegistryService`] answers itself.
 const FETCH_BLOB_PATH: &str = "/llmchain.v1.Registry/FetchBlob";
 /// Largest `FetchBlob` request body accepted (a digest and three integers need under 100 bytes).

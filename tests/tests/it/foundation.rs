@@ -80,6 +80,37 @@ async fn coordinator_serves_health_and_reflection_then_stops_on_sigterm() {
     assert!(status.success(), "coordinator exited with {status}");
 }
 
+#[tokio::test]
+async fn max_message_bytes_bounds_every_service_request() {
+    use llmchain_proto::pb;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = coordinator(dir.path());
+    cmd.args(["--max-message-bytes", "65536"]);
+    let (_proc, addr) = spawn_listening(cmd, Duration::from_secs(30));
+    let publish = |bytes: usize| pb::PublishVersionRequest {
+        signed: Some(pb::SignedManifest {
+            manifest: vec![7; bytes],
+            signature: vec![0; 64],
+            key_id: "ed25519:00".into(),
+        }),
+    };
+    let mut registry = pb::registry_client::RegistryClient::new(channel(addr).await);
+    let big = registry.publish_version(publish(80 << 10)).await.unwrap_err();
+    assert_eq!(big.code(), tonic::Code::OutOfRange, "{big:?}");
+    assert!(big.message().contains("65536"), "{big:?}");
+    // Under the limit the request is decoded and refused for what it is (not a manifest).
+    let small = registry.publish_version(publish(32 << 10)).await.unwrap_err();
+    assert_ne!(small.code(), tonic::Code::OutOfRange, "{small:?}");
+
+    let mut rollouts = pb::rollouts_client::RolloutsClient::new(channel(addr).await);
+    let spec = pb::CreateRolloutRequest { selector: "m".repeat(80 << 10), ..Default::default() };
+    let err = rollouts.create_rollout(spec).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    let mut fleet = pb::fleet_client::FleetClient::new(channel(addr).await);
+    let err = fleet.list_agents(pb::ListAgentsRequest { selector: "k".repeat(80 << 10) }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+}
+
 #[test]
 fn coordinator_refuses_a_bad_config_file_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
