@@ -12,7 +12,7 @@ use llmchain_cloud_trainer::{
     pipeline::{self, RunReport},
     publish::{self, Publisher},
     remote,
-    train::{self, CheckpointConfig, Mode, TrainConfig},
+    train::{self, CheckpointConfig, Mode, Objective, TrainConfig},
     version,
 };
 use llmchain_model::{Llama, SaveDtype, device::DeviceReport, gguf::Gguf, tokenizer::Tokenizer};
@@ -174,6 +174,11 @@ struct Common {
     /// for comparison).
     #[arg(long)]
     no_activation_cache: bool,
+    /// What a step minimises: `candidates` (a softmax over the labels' first tokens, the
+    /// decision as the agent takes it, plus the answer's later tokens) or `vocab` (the answer's
+    /// cross-entropy over the whole vocabulary).
+    #[arg(long, default_value = "candidates", value_parser = |s: &str| s.parse::<Objective>().map_err(|e| e.to_string()))]
+    objective: Objective,
     /// Skip evaluating the starting model.
     #[arg(long)]
     skip_baseline: bool,
@@ -412,6 +417,7 @@ fn train_config(c: &Common, mode: Mode) -> TrainConfig {
     cfg.weight_decay = c.weight_decay;
     cfg.seed = c.seed;
     cfg.activation_cache = !c.no_activation_cache;
+    cfg.objective = c.objective;
     cfg.stop_after = c.stop_after;
     cfg.checkpoint = (c.checkpoint_every > 0)
         .then(|| CheckpointConfig { dir: c.out.join("checkpoints"), every: c.checkpoint_every });

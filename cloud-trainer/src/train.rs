@@ -2,12 +2,12 @@
 //! global gradient-norm clipping, a seeded data order, atomic checkpoints and resume.
 //!
 //! Every example is `prefix ++ record ids ++ label tokens` (the prompt layout of
-//! [`llmchain_model::prompt::ClassifierPrompt`]); the loss is the cross-entropy of the label's
-//! tokens only, and logits are computed only at the positions that predict them (the output
-//! head is a 49,152-wide matrix: computing it for every position would cost a quarter of the
-//! forward pass). The shared prefix (the system message, about half of every sequence) runs
-//! once per step, batch 1, and every row attends to its keys and values
-//! ([`Llama::run_span`]).
+//! [`llmchain_model::prompt::ClassifierPrompt`]); the loss reads the answer tokens only
+//! ([`Objective`]: by default the decision as the agent takes it, a softmax over the labels'
+//! first tokens), and the last block and the output head run only at the positions that
+//! predict them ([`Llama::run_span_at`]; the head is a 49,152-wide matrix: computing it for
+//! every position would cost a quarter of the forward pass). The shared prefix (the system
+//! message) runs once per step, batch 1, and every row attends to its keys and values.
 //!
 //! Modes ([`Mode`]):
 //! - `last-layers:N` trains the last N blocks and the final norm. The trunk below them does not
@@ -70,6 +70,32 @@ impl fmt::Display for Mode {
             Mode::LastLayers(n) => write!(f, "last-layers:{n}"),
             Mode::Lora(r) => write!(f, "lora:{r}"),
             Mode::Full => f.write_str("full"),
+        }
+    }
+}
+
+/// What a step minimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Objective {
+    /// The decision as the agent takes it: the cross-entropy of a softmax over the candidates'
+    /// first-token logits (the token that tells the labels apart), plus the summed
+    /// cross-entropy of the true answer's later tokens (which follow from the first, and which
+    /// the agent's score adds). Nothing is spent putting mass on the candidates as opposed to
+    /// the rest of the vocabulary, which the decision never sees.
+    #[default]
+    Candidates,
+    /// The true answer's summed cross-entropy over the whole vocabulary (its negative
+    /// log-probability).
+    Vocab,
+}
+
+impl FromStr for Objective {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "candidates" => Ok(Objective::Candidates),
+            "vocab" => Ok(Objective::Vocab),
+            _ => Err(Error::Invalid(format!("objective {s:?} is not candidates or vocab"))),
         }
     }
 }
@@ -159,6 +185,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Compute the frozen trunk once (`last-layers` only).
     pub activation_cache: bool,
+    /// What a step minimises.
+    pub objective: Objective,
     /// Checkpointing, if any.
     pub checkpoint: Option<CheckpointConfig>,
     /// Stop after this many steps in total (the schedule still spans every epoch): how tests
@@ -184,6 +212,7 @@ impl TrainConfig {
             clip_norm: 1.0,
             seed: 0,
             activation_cache: true,
+            objective: Objective::Candidates,
             checkpoint: None,
             stop_after: None,
         }
@@ -304,10 +333,75 @@ pub fn learning_rate(lr: f64, step: usize, warmup: usize, total: usize) -> f64 {
 }
 
 /// The frozen trunk's output for every example: the residual stream entering the first trained
-/// block, for the prefix (`[1, P, hidden]`) and each example (`[len, hidden]`).
-struct ActivationCache {
+/// block (`trunk_end`), for the prefix (`[1, P, hidden]`) and each example (`[len, hidden]`).
+pub struct ActivationCache {
+    trunk_end: usize,
     prefix: Option<Tensor>,
     rows: Vec<Tensor>,
+}
+
+impl ActivationCache {
+    /// Runs blocks `0..trunk_end` of `model` once over every example of `data`: its prompt and,
+    /// with `answers`, its answer but the last token (what training feeds); without, the prompt
+    /// only (what evaluation needs).
+    pub fn build(model: &Llama, data: &TokenSet, trunk_end: usize, answers: bool) -> Result<Self> {
+        build_cache(model, data, trunk_end, answers)
+    }
+
+    /// The block the cached stream enters.
+    pub fn trunk_end(&self) -> usize {
+        self.trunk_end
+    }
+
+    /// Cached examples.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether no example is cached.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The cache of the first `n` examples (sharing storage).
+    pub fn truncated(&self, n: usize) -> Self {
+        ActivationCache {
+            trunk_end: self.trunk_end,
+            prefix: self.prefix.as_ref().map(Tensor::shallow_clone),
+            rows: self.rows.iter().take(n).map(Tensor::shallow_clone).collect(),
+        }
+    }
+
+    /// Writes the cache as safetensors (for runs that reuse one trunk pass).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors: Vec<(String, Tensor)> =
+            vec![("trunk_end".into(), Tensor::from_slice(&[self.trunk_end as i64]))];
+        if let Some(p) = &self.prefix {
+            tensors.push(("prefix".into(), p.to_device(tch::Device::Cpu)));
+        }
+        for (i, r) in self.rows.iter().enumerate() {
+            tensors.push((format!("row.{i}"), r.to_device(tch::Device::Cpu)));
+        }
+        Tensor::write_safetensors(&tensors, path).map_err(|e| io_err("cannot write", path, e))
+    }
+
+    /// Reads a cache [`ActivationCache::save`] wrote, onto `device`.
+    pub fn load(path: &Path, device: tch::Device) -> Result<Self> {
+        let mut tensors: std::collections::HashMap<String, Tensor> =
+            Tensor::read_safetensors(path).map_err(|e| io_err("cannot read", path, e))?.into_iter().collect();
+        let trunk_end = tensors
+            .remove("trunk_end")
+            .map(|t| t.int64_value(&[0]) as usize)
+            .ok_or_else(|| io_err("no trunk_end in", path, "cache"))?;
+        let prefix = tensors.remove("prefix").map(|t| t.to_device(device));
+        let mut rows = Vec::with_capacity(tensors.len());
+        for i in 0..tensors.len() {
+            let row =
+                tensors.remove(&format!("row.{i}")).ok_or_else(|| io_err("missing rows in", path, i))?;
+            rows.push(row.to_device(device));
+        }
+        Ok(ActivationCache { trunk_end, prefix, rows })
+    }
 }
 
 /// A trainable tensor and its AdamW moments.
@@ -331,6 +425,19 @@ struct CheckpointMeta {
 /// Trains `model` (already [`prepare`]d) on `data`; resumes from `cfg.checkpoint` when it
 /// holds a checkpoint of the same run.
 pub fn train(model: &Llama, data: &TokenSet, cfg: &TrainConfig) -> Result<TrainReport> {
+    train_with(model, data, cfg, None, &mut |_, _| Ok(()))
+}
+
+/// [`train`] with a trunk pass computed before (`cache`, built with answers from the same
+/// `data`; `last-layers` only), and `after_epoch(epoch, model)` called after each epoch's
+/// last step (e.g. to evaluate as training goes).
+pub fn train_with(
+    model: &Llama,
+    data: &TokenSet,
+    cfg: &TrainConfig,
+    cache: Option<&ActivationCache>,
+    after_epoch: &mut dyn FnMut(usize, &Llama) -> Result<()>,
+) -> Result<TrainReport> {
     data.validate()?;
     if cfg.batch_size == 0 || cfg.epochs == 0 {
         return Err(Error::Invalid("batch size and epochs must be at least 1".into()));
@@ -390,14 +497,26 @@ pub fn train(model: &Llama, data: &TokenSet, cfg: &TrainConfig) -> Result<TrainR
         train_tokens: 0,
     };
     let end = cfg.stop_after.map_or(total, |s| s.min(total));
-    let cache = if trunk_end > 0 && cfg.activation_cache && start < end {
-        let t0 = Instant::now();
-        let cache = build_cache(model, data, trunk_end)?;
-        report.cache_seconds = t0.elapsed().as_secs_f64();
-        info!(examples = n, seconds = report.cache_seconds, "computed the frozen trunk's activations");
-        Some(cache)
-    } else {
-        None
+    if let Some(c) = cache
+        && (c.trunk_end != trunk_end || c.rows.len() != n)
+    {
+        return Err(Error::Invalid(format!(
+            "the activation cache holds {} examples entering block {}, this run needs {n} entering {trunk_end}",
+            c.rows.len(),
+            c.trunk_end
+        )));
+    }
+    let built;
+    let cache = match cache {
+        Some(c) if trunk_end > 0 => Some(c),
+        _ if trunk_end > 0 && cfg.activation_cache && start < end => {
+            let t0 = Instant::now();
+            built = build_cache(model, data, trunk_end, true)?;
+            report.cache_seconds = t0.elapsed().as_secs_f64();
+            info!(examples = n, seconds = report.cache_seconds, "computed the frozen trunk's activations");
+            Some(&built)
+        }
+        _ => None,
     };
     let t0 = Instant::now();
     let mut order: Vec<usize> = Vec::new();
@@ -415,7 +534,7 @@ pub fn train(model: &Llama, data: &TokenSet, cfg: &TrainConfig) -> Result<TrainR
         for s in &mut slots {
             s.param.zero_grad();
         }
-        let (loss, first_token, right) = batch_loss(model, data, batch, trunk_end, cache.as_ref())?;
+        let (loss, first_token, right) = batch_loss(model, data, batch, trunk_end, cache, cfg.objective)?;
         if epoch != right_epoch {
             if right_epoch != usize::MAX {
                 info!(
@@ -439,6 +558,9 @@ pub fn train(model: &Llama, data: &TokenSet, cfg: &TrainConfig) -> Result<TrainR
         report.train_tokens += batch.iter().map(|&i| data.sequence_len(i) as u64).sum::<u64>();
         if step % 10 == 0 || step + 1 == end {
             info!(step, total, loss = value, first_token_loss = first_token, lr, "step");
+        }
+        if (step + 1) % steps_per_epoch == 0 {
+            after_epoch(epoch, model)?;
         }
         if let Some(ck) = &cfg.checkpoint
             && ck.every > 0
@@ -485,7 +607,7 @@ fn pad_ids(rows: &[Vec<u32>]) -> (Tensor, i64) {
     (Tensor::from_slice(&flat).view([rows.len() as i64, t as i64]), t as i64)
 }
 
-fn build_cache(model: &Llama, data: &TokenSet, trunk_end: usize) -> Result<ActivationCache> {
+fn build_cache(model: &Llama, data: &TokenSet, trunk_end: usize, answers: bool) -> Result<ActivationCache> {
     let _guard = tch::no_grad_guard();
     let device = model.device();
     let prefix_in = prefix_embedding(model, data)?;
@@ -497,7 +619,10 @@ fn build_cache(model: &Llama, data: &TokenSet, trunk_end: usize) -> Result<Activ
     order.sort_by_key(|&i| data.examples[i].ids.len());
     let mut slots: Vec<Option<Tensor>> = (0..data.examples.len()).map(|_| None).collect();
     for chunk in order.chunks(32) {
-        let inputs: Vec<Vec<u32>> = chunk.iter().map(|&i| data.input(i)).collect();
+        let inputs: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|&i| if answers { data.input(i) } else { data.examples[i].ids.clone() })
+            .collect();
         let (ids, _) = pad_ids(&inputs);
         let x = model.embed(&ids.to_device(device))?;
         let (p, out) = model.run_span(prefix_in.as_ref(), &x, 0..trunk_end)?;
@@ -509,7 +634,7 @@ fn build_cache(model: &Llama, data: &TokenSet, trunk_end: usize) -> Result<Activ
         }
     }
     rows.extend(slots.into_iter().map(|s| s.expect("every example cached")));
-    Ok(ActivationCache { prefix, rows })
+    Ok(ActivationCache { trunk_end, prefix, rows })
 }
 
 fn prefix_embedding(model: &Llama, data: &TokenSet) -> Result<Option<Tensor>> {
@@ -520,15 +645,16 @@ fn prefix_embedding(model: &Llama, data: &TokenSet) -> Result<Option<Tensor>> {
     Ok(Some(model.embed(&Tensor::from_slice(&ids).view([1, -1]))?))
 }
 
-/// The loss of `batch`: the mean over its examples of the answer's summed cross-entropy; and
-/// the mean cross-entropy of the answers' first tokens (the token that tells the labels apart),
-/// for the logs; and how many of the batch the model gets right before the step.
+/// The loss of `batch` under `objective` (see [`Objective`]), averaged over its examples; the
+/// mean cross-entropy of the answers' first tokens over the whole vocabulary (for the logs);
+/// and how many of the batch the model gets right before the step.
 fn batch_loss(
     model: &Llama,
     data: &TokenSet,
     batch: &[usize],
     trunk_end: usize,
     cache: Option<&ActivationCache>,
+    objective: Objective,
 ) -> Result<(Tensor, f32, usize)> {
     let device = model.device();
     let layers = model.config().num_hidden_layers;
@@ -556,40 +682,104 @@ fn batch_loss(
             }
         }
     };
-    let (_, out) = model.run_span(prefix.as_ref(), &x, trunk_end..layers)?;
-    let (mut slots, mut targets, mut firsts) = (Vec::new(), Vec::new(), Vec::new());
+    // Only the positions that predict answer tokens are read: each example's first answer
+    // position, then those that predict the later tokens of its true answer. The last block
+    // computes only them (`run_span_at`); rows are padded by repeating a position.
+    let width = batch.iter().map(|&i| data.candidates[data.examples[i].label].len()).max().unwrap_or(1);
+    let mut at = Vec::with_capacity(batch.len() * width);
+    let (mut firsts, mut later, mut later_targets) = (Vec::new(), Vec::new(), Vec::new());
     for (r, &i) in batch.iter().enumerate() {
         let e = &data.examples[i];
-        firsts.push(slots.len() as i64);
-        for (j, &token) in data.candidates[e.label].iter().enumerate() {
-            slots.push(r as i64 * t + (e.ids.len() - 1 + j) as i64);
-            targets.push(i64::from(token));
+        let answer = &data.candidates[e.label];
+        let start = (e.ids.len() - 1) as i64;
+        firsts.push((r * width) as i64);
+        for (j, &token) in answer.iter().enumerate().skip(1) {
+            later.push((r * width + j) as i64);
+            later_targets.push(i64::from(token));
         }
+        at.extend((0..width).map(|j| start + j.min(answer.len() - 1) as i64));
     }
-    let hidden = out.view([-1, out.size()[2]]).index_select(0, &Tensor::from_slice(&slots).to_device(device));
-    let logits = model.logits(&model.final_norm(&hidden));
-    let nll = logits
-        .log_softmax(-1, Kind::Float)
-        .gather(1, &Tensor::from_slice(&targets).to_device(device).view([-1, 1]), false)
+    let at = Tensor::from_slice(&at).view([batch.len() as i64, width as i64]);
+    let out = model.run_span_at(prefix.as_ref(), &x, trunk_end..layers, &at)?;
+    let rows: Vec<i64> = firsts.iter().chain(&later).copied().collect();
+    let hidden = out.view([-1, out.size()[2]]).index_select(0, &Tensor::from_slice(&rows).to_device(device));
+    let log_probs = model.logits(&model.final_norm(&hidden)).log_softmax(-1, Kind::Float);
+    let b = batch.len() as i64;
+    let first = log_probs.narrow(0, 0, b);
+    let heads: Vec<i64> = data.candidates.iter().map(|c| i64::from(c[0])).collect();
+    let truth: Vec<i64> = batch.iter().map(|&i| data.examples[i].label as i64).collect();
+    let truth = Tensor::from_slice(&truth).to_device(device);
+    let head_ids: Vec<i64> = batch.iter().map(|&i| heads[data.examples[i].label]).collect();
+    let first_nll = first
+        .gather(1, &Tensor::from_slice(&head_ids).to_device(device).view([-1, 1]), false)
         .neg()
         .view([-1]);
-    let firsts = Tensor::from_slice(&firsts).to_device(device);
+    // Logits of the candidates' first tokens: what tells the labels apart (the later tokens of
+    // an answer follow from its first when the first tokens differ, as for the task's labels).
+    let candidate_scores = first.index_select(1, &Tensor::from_slice(&heads).to_device(device));
+    let later_nll = if later.is_empty() {
+        Tensor::zeros([0], (Kind::Float, device))
+    } else {
+        log_probs
+            .narrow(0, b, later.len() as i64)
+            .gather(1, &Tensor::from_slice(&later_targets).to_device(device).view([-1, 1]), false)
+            .neg()
+            .view([-1])
+    };
+    let first_loss = match objective {
+        Objective::Vocab => first_nll.sum(Kind::Float),
+        Objective::Candidates => candidate_scores
+            .log_softmax(-1, Kind::Float)
+            .gather(1, &truth.view([-1, 1]), false)
+            .neg()
+            .sum(Kind::Float),
+    };
     let (first_token, right) = tch::no_grad(|| {
-        // Which label's first token the model ranks highest: the decision, up to the answers'
-        // later tokens (which follow from the first when the first tokens differ, as here).
-        let heads: Vec<i64> = data.candidates.iter().map(|c| i64::from(c[0])).collect();
-        let said = logits
-            .index_select(0, &firsts)
-            .index_select(1, &Tensor::from_slice(&heads).to_device(device))
-            .argmax(-1, false);
-        let truth: Vec<i64> = batch.iter().map(|&i| data.examples[i].label as i64).collect();
-        let right =
-            said.eq_tensor(&Tensor::from_slice(&truth).to_device(device)).sum(Kind::Int64).int64_value(&[]);
-        (nll.index_select(0, &firsts).mean(Kind::Float).double_value(&[]), right as usize)
+        let said = candidate_scores.argmax(-1, false);
+        let right = said.eq_tensor(&truth).sum(Kind::Int64).int64_value(&[]);
+        (first_nll.mean(Kind::Float).double_value(&[]), right as usize)
     });
-    // Per example, the answer's summed negative log-probability: what the agent's decision
-    // scores (the summed log-probability of each label's answer), averaged over the batch.
-    Ok((nll.sum(Kind::Float) / batch.len() as f64, first_token as f32, right))
+    // Per example, the answer's summed negative log-probability (Vocab) or the candidates'
+    // cross-entropy plus the later tokens' (Candidates), averaged over the batch.
+    Ok(((first_loss + later_nll.sum(Kind::Float)) / batch.len() as f64, first_token as f32, right))
+}
+
+/// Label probabilities of every example of `data` from the first answer token alone (softmax
+/// over the candidates' first-token logits), run through the trained blocks on `cache` (built
+/// without answers). Equal to the agent's decision when the answers' later tokens follow from
+/// their first; [`crate::eval`] scores whole answers.
+pub fn cached_first_token_probabilities(
+    model: &Llama,
+    data: &TokenSet,
+    cache: &ActivationCache,
+    batch: usize,
+) -> Result<Vec<Vec<f64>>> {
+    let _guard = tch::no_grad_guard();
+    let device = model.device();
+    let layers = model.config().num_hidden_layers;
+    let h = model.config().hidden_size as i64;
+    let heads: Vec<i64> = data.candidates.iter().map(|c| i64::from(c[0])).collect();
+    let heads = Tensor::from_slice(&heads).to_device(device);
+    let mut out = Vec::with_capacity(data.examples.len());
+    let order: Vec<usize> = (0..data.examples.len()).collect();
+    for chunk in order.chunks(batch.max(1)) {
+        let t = chunk.iter().map(|&i| cache.rows[i].size()[0]).max().unwrap_or(0);
+        let x = Tensor::zeros([chunk.len() as i64, t, h], (Kind::Float, device));
+        let mut at = Vec::new();
+        for (r, &i) in chunk.iter().enumerate() {
+            let row = &cache.rows[i];
+            x.get(r as i64).narrow(0, 0, row.size()[0]).copy_(row);
+            at.push(row.size()[0] - 1);
+        }
+        let at = Tensor::from_slice(&at).view([-1, 1]);
+        let y = model.run_span_at(cache.prefix.as_ref(), &x, cache.trunk_end..layers, &at)?;
+        let hidden = y.view([-1, h]);
+        let p = model.logits(&model.final_norm(&hidden)).index_select(1, &heads).softmax(-1, Kind::Double);
+        let p: Vec<f64> = Vec::<f64>::try_from(p.to_device(tch::Device::Cpu).view([-1]))
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        out.extend(p.chunks(heads.size()[0] as usize).map(<[f64]>::to_vec));
+    }
+    Ok(out)
 }
 
 /// One AdamW update (β = 0.9, 0.999; ε = 1e-8) after clipping the global gradient norm.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use llmchain_artifact::{BlobDir, ModelRef, TrainingMetadata};
 use llmchain_cloud_trainer::{
     eval, pipeline,
-    train::{self, CheckpointConfig, Mode, TokenExample, TokenSet, TrainConfig},
+    train::{self, CheckpointConfig, Mode, Objective, TokenExample, TokenSet, TrainConfig},
     version,
 };
 use llmchain_model::{Llama, LlamaConfig, SaveDtype, tokenizer::Tokenizer, version::load_version};
@@ -241,33 +241,81 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
 }
 
 #[test]
-fn the_training_loss_is_the_negative_score_the_agent_decides_by() {
+fn the_training_loss_is_the_decision_the_agent_scores() {
     // Same prompt layout in training and in the agent's scoring: positions, shared prefix and
-    // the end token. Step 0's loss (before any update) of a whole-set batch is the mean of
-    // −log P(answer) that `Llama::score` gives the true label, with and without the cache.
+    // the end token. Step 0's loss (before any update) of a whole-set batch, with and without
+    // the cache: for `Vocab`, the mean of −log P(answer) that `Llama::score` gives the true
+    // label; for `Candidates`, the softmax over the labels' first tokens, so that plus
+    // log Σ_c P(first token of c).
     let set = data(10, 9);
     let model = tiny(9);
     let prefix = model.prefix(&set.prefix).unwrap();
     let prompts: Vec<Vec<u32>> = set.examples.iter().map(|e| e.ids.clone()).collect();
     let scores = model.score(Some(&prefix), &prompts, &set.candidates).unwrap();
-    let expected = -set.examples.iter().zip(&scores).map(|(e, s)| f64::from(s[e.label])).sum::<f64>() / 10.0;
-    for cache in [true, false] {
-        let mut model = tiny(9);
-        train::prepare(&mut model, Mode::LastLayers(1), 0, None).unwrap();
-        let cfg = TrainConfig {
-            batch_size: 10,
-            activation_cache: cache,
-            stop_after: Some(1),
-            ..cfg(Mode::LastLayers(1), 1e-3, 1)
-        };
-        let report = train::train(&model, &set, &cfg).unwrap();
-        let loss = f64::from(report.losses[0]);
-        assert!(
-            (loss - expected).abs() < 1e-4 * expected.abs().max(1.0),
-            "cache {cache}: {loss} vs {expected}"
-        );
-        assert_eq!(report.first_token_losses.len(), 1);
-        assert!(f64::from(report.first_token_losses[0]) <= loss);
+    let heads: Vec<Vec<u32>> = set.candidates.iter().map(|c| vec![c[0]]).collect();
+    let firsts = model.score(Some(&prefix), &prompts, &heads).unwrap();
+    let nll = -set.examples.iter().zip(&scores).map(|(e, s)| f64::from(s[e.label])).sum::<f64>() / 10.0;
+    let norm =
+        firsts.iter().map(|f| f.iter().map(|&v| f64::from(v).exp()).sum::<f64>().ln()).sum::<f64>() / 10.0;
+    for (objective, expected) in [(Objective::Vocab, nll), (Objective::Candidates, nll + norm)] {
+        for cache in [true, false] {
+            let mut model = tiny(9);
+            train::prepare(&mut model, Mode::LastLayers(1), 0, None).unwrap();
+            let cfg = TrainConfig {
+                batch_size: 10,
+                activation_cache: cache,
+                stop_after: Some(1),
+                objective,
+                ..cfg(Mode::LastLayers(1), 1e-3, 1)
+            };
+            let report = train::train(&model, &set, &cfg).unwrap();
+            let loss = f64::from(report.losses[0]);
+            assert!(
+                (loss - expected).abs() < 1e-4 * expected.abs().max(1.0),
+                "{objective:?}, cache {cache}: {loss} vs {expected}"
+            );
+            assert_eq!(report.first_token_losses.len(), 1);
+            assert!(f64::from(report.first_token_losses[0]) <= nll);
+        }
+    }
+}
+
+#[test]
+fn the_last_block_at_chosen_positions_equals_the_whole_span() {
+    let model = tiny(10);
+    let h = config().hidden_size as i64;
+    let x = tch::no_grad(|| Tensor::randn([3, 7, h], (Kind::Float, Device::Cpu)));
+    let prefix = tch::no_grad(|| Tensor::randn([1, 4, h], (Kind::Float, Device::Cpu)));
+    let at = Tensor::from_slice(&[0i64, 6, 6, 2, 3, 4, 5, 1, 1]).view([3, 3]);
+    for p in [Some(&prefix), None] {
+        for layers in [0..2, 1..2] {
+            let (_, whole) = model.run_span(p, &x, layers.clone()).unwrap();
+            let want = whole.gather(1, &at.view([3, 3, 1]).expand([3, 3, h], false), false);
+            let got = model.run_span_at(p, &x, layers.clone(), &at).unwrap();
+            let diff = (&want - &got).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "prefix {}, blocks {layers:?}: {diff}", p.is_some());
+        }
+    }
+    assert!(model.run_span_at(None, &x, 0..2, &Tensor::from_slice(&[7i64, 0, 0]).view([3, 1])).is_err());
+}
+
+#[test]
+fn cached_first_token_probabilities_match_a_full_forward() {
+    // The held-out path of a last-layers run: trunk once, top blocks on the cache, softmax over
+    // the labels' first tokens, as `Llama::score` with one-token candidates gives it.
+    let set = data(9, 11);
+    let mut model = tiny(11);
+    train::prepare(&mut model, Mode::LastLayers(1), 0, None).unwrap();
+    let cache = train::ActivationCache::build(&model, &set, 1, false).unwrap();
+    let got = train::cached_first_token_probabilities(&model, &set, &cache, 4).unwrap();
+    let prefix = model.prefix(&set.prefix).unwrap();
+    let prompts: Vec<Vec<u32>> = set.examples.iter().map(|e| e.ids.clone()).collect();
+    let heads: Vec<Vec<u32>> = set.candidates.iter().map(|c| vec![c[0]]).collect();
+    let scores = model.score(Some(&prefix), &prompts, &heads).unwrap();
+    for (g, s) in got.iter().zip(&scores) {
+        for (a, b) in g.iter().zip(llmchain_model::prompt::softmax(s)) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
     }
 }
 

@@ -654,6 +654,64 @@ impl Llama {
         Ok((prefix, x))
     }
 
+    /// [`Llama::run_span`] when only some positions of `x` are read (training reads those that
+    /// predict answer tokens): the blocks before the last of `layers` run every position, as
+    /// their keys and values are needed, but the last computes its attention output and MLP only
+    /// at `at` (`[B, K]` int64, positions in each row of `x`; repeat one to pad a row). For the
+    /// task's prompts that skips most of a block's work. Returns `[B, K, hidden]`, equal to
+    /// `run_span`'s output at those positions. Differentiable unless called under `no_grad`.
+    pub fn run_span_at(
+        &self,
+        prefix: Option<&Tensor>,
+        x: &Tensor,
+        layers: std::ops::Range<usize>,
+        at: &Tensor,
+    ) -> Result<Tensor> {
+        if layers.is_empty() {
+            return Err(Error::input("run_span_at needs at least one block"));
+        }
+        let last = layers.end - 1;
+        let (prefix, x) = self.run_span(prefix, x, layers.start..last)?;
+        let (b, t, h) = (x.size()[0], x.size()[1], x.size()[2]);
+        let device = self.device();
+        let at = at.to_device(device).to_kind(Kind::Int64);
+        if at.dim() != 2 || at.size()[0] != b || at.numel() == 0 {
+            return Err(Error::input(format!("at is {:?}, expected [{b}, positions]", at.size())));
+        }
+        let (lo, hi) = (at.min().int64_value(&[]), at.max().int64_value(&[]));
+        if lo < 0 || hi >= t {
+            return Err(Error::input(format!("positions {lo}..={hi} outside rows of {t}")));
+        }
+        let k_at = at.size()[1];
+        let p = prefix.as_ref().map_or(0, |p| p.size()[1]);
+        let eps = self.config.rms_norm_eps;
+        let layer = &self.layers[last];
+        let blocks = self.blocks();
+        let (cos, sin) = self.rotary(&Tensor::arange_start(p, p + t, (Kind::Int64, device)).view([1, -1]));
+        let (q, mut k, mut v) = blocks.qkv(layer, &rms_norm(&x, &layer.input_layernorm, eps), &cos, &sin);
+        if let Some(px) = &prefix {
+            let (pcos, psin) = self.rotary(&Tensor::arange(p, (Kind::Int64, device)).view([1, -1]));
+            let (_, pk, pv) = blocks.qkv(layer, &rms_norm(px, &layer.input_layernorm, eps), &pcos, &psin);
+            let widen = |s: &Tensor| {
+                let mut size = s.size();
+                size[0] = b;
+                s.expand(size, false)
+            };
+            k = Tensor::cat(&[widen(&pk), k], 2);
+            v = Tensor::cat(&[widen(&pv), v], 2);
+        }
+        let d = q.size()[3];
+        let q = q.gather(2, &at.view([b, 1, k_at, 1]).expand([b, q.size()[1], k_at, d], false), false);
+        // Query at position i of a row sees the whole prefix and the row up to i.
+        let mask = Tensor::arange(p + t, (Kind::Int64, device))
+            .view([1, 1, 1, -1])
+            .le_tensor(&(&at + p).view([b, 1, k_at, 1]));
+        let attn = blocks.attend(&q, &k, &v, Some(&mask), false);
+        let xs = x.gather(1, &at.view([b, k_at, 1]).expand([b, k_at, h], false), false);
+        let next = xs + blocks.project(layer, O, &layer.o_proj, &attn);
+        Ok(blocks.mlp(layer, next))
+    }
+
     /// The final RMSNorm, turning a residual stream after the last block into the hidden states
     /// [`Llama::logits`] reads.
     pub fn final_norm(&self, x: &Tensor) -> Tensor {

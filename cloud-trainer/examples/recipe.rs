@@ -1,0 +1,128 @@
+//! Exploring the last-layers recipe on the real model without paying the trunk pass per run:
+//! the frozen trunk's activations for the training and held-out records are computed once and
+//! kept in `--cache-dir`, then each run trains only the top blocks and reports held-out accuracy
+//! (first answer token, from the cache) after every epoch.
+//!
+//! cargo run -p llmchain-cloud-trainer --example recipe -- --train 1000 --epochs 4 --lr 1e-3
+
+use std::{path::PathBuf, time::Instant};
+
+use anyhow::Context;
+use llmchain_cloud_trainer::{
+    data::{self, Dataset},
+    eval, pipeline,
+    train::{self, ActivationCache, Mode, Objective, TrainConfig},
+};
+use llmchain_model::{Llama, SaveDtype, gguf::Gguf, tokenizer::Tokenizer};
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn cached(
+    model: &Llama,
+    set: &train::TokenSet,
+    path: PathBuf,
+    answers: bool,
+) -> anyhow::Result<ActivationCache> {
+    if path.exists() {
+        return Ok(ActivationCache::load(&path, model.device())?);
+    }
+    let t0 = Instant::now();
+    let cache = ActivationCache::build(model, set, 28, answers)?;
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "trunk pass: {} records in {secs:.0} s ({:.3} s/record)",
+        set.examples.len(),
+        secs / set.examples.len() as f64
+    );
+    cache.save(&path)?;
+    Ok(cache)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let gguf: PathBuf = arg(&args, "--gguf", PathBuf::from(".llmchain/smollm2.gguf"));
+    let dir: PathBuf = arg(&args, "--cache-dir", PathBuf::from("llmchain-data/recipe"));
+    let pool: usize = arg(&args, "--pool", 2000);
+    let held_n: usize = arg(&args, "--held", 500);
+    let n: usize = arg(&args, "--train", 1000);
+    let objective: Objective = arg(&args, "--objective", Objective::Candidates);
+    let mix = data::parse_mix(&arg(
+        &args,
+        "--mix",
+        "normal=0.25,inspect=0.25,throttle=0.25,shutdown=0.25".to_string(),
+    ))?;
+    std::fs::create_dir_all(&dir)?;
+
+    let file = Gguf::open(&gguf).context("gguf")?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let mut model = Llama::from_gguf(&file, tch::Device::Cpu)?;
+    // Version 1 stores bf16: train from the same numbers.
+    model.set_trainable(|_| true);
+    train::round_trainable(&model, SaveDtype::Bf16);
+    model.set_trainable(|_| false);
+
+    let train_all = Dataset::task(data::task_examples(&data::generate(1, pool, Some(mix), false)));
+    let held = Dataset::task(data::task_examples(&data::generate(2, held_n, None, false)));
+    let (_, mut train_set) = pipeline::tokenize(&tokenizer, &train_all)?;
+    let (_, held_set) = pipeline::tokenize(&tokenizer, &held)?;
+    let tokens: usize = train_set.examples.iter().map(|e| e.ids.len()).sum();
+    eprintln!(
+        "prefix {} tokens, records {:.1} tokens on average",
+        train_set.prefix.len(),
+        tokens as f64 / pool as f64
+    );
+    let train_cache = cached(&model, &train_set, dir.join(format!("train-{pool}.safetensors")), true)?;
+    let held_cache = cached(&model, &held_set, dir.join(format!("held-{held_n}.safetensors")), false)?;
+    if args.iter().any(|a| a == "--cache-only") {
+        return Ok(());
+    }
+    // The first n of the pool are the records a run on n generated records sees.
+    train_set.examples.truncate(n);
+    let train_cache = train_cache.truncated(n);
+
+    let mode = Mode::LastLayers(2);
+    train::prepare(&mut model, mode, 0, None)?;
+    let cfg = TrainConfig {
+        lr: arg(&args, "--lr", 1e-3),
+        epochs: arg(&args, "--epochs", 4),
+        batch_size: arg(&args, "--batch", 8),
+        warmup_steps: arg(&args, "--warmup", 20),
+        weight_decay: arg(&args, "--wd", 0.01),
+        objective,
+        ..TrainConfig::for_mode(mode)
+    };
+    eprintln!("{cfg:?} on {n} records");
+    let labels = held.labels.clone();
+    let truth: Vec<usize> = held_set.examples.iter().map(|e| e.label).collect();
+    let t0 = Instant::now();
+    let mut last = None;
+    let report = train::train_with(&model, &train_set, &cfg, Some(&train_cache), &mut |epoch, m| {
+        let probs = train::cached_first_token_probabilities(m, &held_set, &held_cache, 32)?;
+        let r = eval::metrics(&probs, &truth, &labels);
+        eprintln!(
+            "epoch {epoch}: held-out {:.2}% at {:.0} s",
+            100.0 * r.accuracy,
+            t0.elapsed().as_secs_f64()
+        );
+        last = Some((r, probs));
+        Ok(())
+    })?;
+    eprintln!("{} steps in {:.0} s", report.steps_done, report.train_seconds);
+    let (r, probs) = last.expect("at least one epoch");
+    eprint!("{}", r.table("held-out"));
+    if args.iter().any(|a| a == "--errors") {
+        for ((e, p), ex) in held_set.examples.iter().zip(&probs).zip(&held.examples) {
+            let said = (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap_or(0);
+            if said != e.label {
+                eprintln!("--- true {} said {} ({:.2})\n{}", labels[e.label], labels[said], p[said], ex.text);
+            }
+        }
+    }
+    Ok(())
+}
