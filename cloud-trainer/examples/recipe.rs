@@ -33,7 +33,9 @@ fn cached(
         return Ok(ActivationCache::load(&path, model.device())?);
     }
     let t0 = Instant::now();
-    let cache = ActivationCache::build(model, set, 28, answers)?;
+    // The stream entering the two trained blocks (`last-layers:2`, as below).
+    let trunk_end = model.config().num_hidden_layers - 2;
+    let cache = ActivationCache::build(model, set, trunk_end, answers)?;
     let secs = t0.elapsed().as_secs_f64();
     eprintln!(
         "trunk pass: {} records in {secs:.0} s ({:.3} s/record)",

@@ -345,7 +345,48 @@ impl ActivationCache {
     /// with `answers`, its answer but the last token (what training feeds); without, the prompt
     /// only (what evaluation needs).
     pub fn build(model: &Llama, data: &TokenSet, trunk_end: usize, answers: bool) -> Result<Self> {
-        build_cache(model, data, trunk_end, answers)
+        let _guard = tch::no_grad_guard();
+        let device = model.device();
+        let prefix_in = prefix_embedding(model, data)?;
+        let mut prefix = None;
+        let mut rows = Vec::with_capacity(data.examples.len());
+        // Similar lengths per batch waste less on padding, and the prefix runs once per batch (32
+        // rows keep that under a tenth of the pass); the cache is indexed by example.
+        let mut order: Vec<usize> = (0..data.examples.len()).collect();
+        order.sort_by_key(|&i| data.examples[i].ids.len());
+        let mut slots: Vec<Option<Tensor>> = (0..data.examples.len()).map(|_| None).collect();
+        for chunk in order.chunks(32) {
+            let inputs: Vec<Vec<u32>> = chunk
+                .iter()
+                .map(|&i| if answers { data.input(i) } else { data.examples[i].ids.clone() })
+                .collect();
+            let (ids, _) = pad_ids(&inputs);
+            let x = model.embed(&ids.to_device(device))?;
+            let (p, out) = model.run_span(prefix_in.as_ref(), &x, 0..trunk_end)?;
+            if prefix.is_none() {
+                prefix = p;
+            }
+            for (r, (&i, input)) in chunk.iter().zip(&inputs).enumerate() {
+                slots[i] = Some(out.get(r as i64).narrow(0, 0, input.len() as i64).copy());
+            }
+        }
+        rows.extend(slots.into_iter().map(|s| s.expect("every example cached")));
+        Ok(ActivationCache { trunk_end, prefix, rows })
+    }
+
+    /// The cached streams of `examples`, right-padded with zeros to `t` positions:
+    /// `[examples, t, hidden]`.
+    fn padded(&self, examples: &[usize], t: i64) -> Tensor {
+        let (h, kind, device) = match self.rows.first() {
+            Some(row) => (row.size()[1], row.kind(), row.device()),
+            None => (0, Kind::Float, tch::Device::Cpu),
+        };
+        let x = Tensor::zeros([examples.len() as i64, t, h], (kind, device));
+        for (r, &i) in examples.iter().enumerate() {
+            let row = &self.rows[i];
+            x.get(r as i64).narrow(0, 0, row.size()[0]).copy_(row);
+        }
+        x
     }
 
     /// The block the cached stream enters.
@@ -511,7 +552,7 @@ pub fn train_with(
         Some(c) if trunk_end > 0 => Some(c),
         _ if trunk_end > 0 && cfg.activation_cache && start < end => {
             let t0 = Instant::now();
-            built = build_cache(model, data, trunk_end, true)?;
+            built = ActivationCache::build(model, data, trunk_end, true)?;
             report.cache_seconds = t0.elapsed().as_secs_f64();
             info!(examples = n, seconds = report.cache_seconds, "computed the frozen trunk's activations");
             Some(&built)
@@ -607,36 +648,6 @@ fn pad_ids(rows: &[Vec<u32>]) -> (Tensor, i64) {
     (Tensor::from_slice(&flat).view([rows.len() as i64, t as i64]), t as i64)
 }
 
-fn build_cache(model: &Llama, data: &TokenSet, trunk_end: usize, answers: bool) -> Result<ActivationCache> {
-    let _guard = tch::no_grad_guard();
-    let device = model.device();
-    let prefix_in = prefix_embedding(model, data)?;
-    let mut prefix = None;
-    let mut rows = Vec::with_capacity(data.examples.len());
-    // Similar lengths per batch waste less on padding, and the prefix runs once per batch (32
-    // rows keep that under a tenth of the pass); the cache is indexed by example.
-    let mut order: Vec<usize> = (0..data.examples.len()).collect();
-    order.sort_by_key(|&i| data.examples[i].ids.len());
-    let mut slots: Vec<Option<Tensor>> = (0..data.examples.len()).map(|_| None).collect();
-    for chunk in order.chunks(32) {
-        let inputs: Vec<Vec<u32>> = chunk
-            .iter()
-            .map(|&i| if answers { data.input(i) } else { data.examples[i].ids.clone() })
-            .collect();
-        let (ids, _) = pad_ids(&inputs);
-        let x = model.embed(&ids.to_device(device))?;
-        let (p, out) = model.run_span(prefix_in.as_ref(), &x, 0..trunk_end)?;
-        if prefix.is_none() {
-            prefix = p;
-        }
-        for (r, (&i, input)) in chunk.iter().zip(&inputs).enumerate() {
-            slots[i] = Some(out.get(r as i64).narrow(0, 0, input.len() as i64).copy());
-        }
-    }
-    rows.extend(slots.into_iter().map(|s| s.expect("every example cached")));
-    Ok(ActivationCache { trunk_end, prefix, rows })
-}
-
 fn prefix_embedding(model: &Llama, data: &TokenSet) -> Result<Option<Tensor>> {
     if data.prefix.is_empty() {
         return Ok(None);
@@ -661,15 +672,7 @@ fn batch_loss(
     let inputs: Vec<Vec<u32>> = batch.iter().map(|&i| data.input(i)).collect();
     let t = inputs.iter().map(Vec::len).max().unwrap_or(0) as i64;
     let (prefix, x) = match cache {
-        Some(cache) => {
-            let h = model.config().hidden_size as i64;
-            let x = Tensor::zeros([batch.len() as i64, t, h], (Kind::Float, device));
-            for (r, &i) in batch.iter().enumerate() {
-                let row = &cache.rows[i];
-                x.get(r as i64).narrow(0, 0, row.size()[0]).copy_(row);
-            }
-            (cache.prefix.as_ref().map(Tensor::shallow_clone), x)
-        }
+        Some(cache) => (cache.prefix.as_ref().map(Tensor::shallow_clone), cache.padded(batch, t)),
         None => {
             let (ids, _) = pad_ids(&inputs);
             let x = model.embed(&ids.to_device(device))?;
@@ -763,14 +766,8 @@ pub fn cached_first_token_probabilities(
     let mut out = Vec::with_capacity(data.examples.len());
     let order: Vec<usize> = (0..data.examples.len()).collect();
     for chunk in order.chunks(batch.max(1)) {
-        let t = chunk.iter().map(|&i| cache.rows[i].size()[0]).max().unwrap_or(0);
-        let x = Tensor::zeros([chunk.len() as i64, t, h], (Kind::Float, device));
-        let mut at = Vec::new();
-        for (r, &i) in chunk.iter().enumerate() {
-            let row = &cache.rows[i];
-            x.get(r as i64).narrow(0, 0, row.size()[0]).copy_(row);
-            at.push(row.size()[0] - 1);
-        }
+        let at: Vec<i64> = chunk.iter().map(|&i| cache.rows[i].size()[0] - 1).collect();
+        let x = cache.padded(chunk, at.iter().max().map_or(0, |m| m + 1));
         let at = Tensor::from_slice(&at).view([-1, 1]);
         let y = model.run_span_at(cache.prefix.as_ref(), &x, cache.trunk_end..layers, &at)?;
         let hidden = y.view([-1, h]);

@@ -297,6 +297,8 @@ fn the_last_block_at_chosen_positions_equals_the_whole_span() {
         }
     }
     assert!(model.run_span_at(None, &x, 0..2, &Tensor::from_slice(&[7i64, 0, 0]).view([3, 1])).is_err());
+    // Blocks beyond the model's are an error, not a panic.
+    assert!(model.run_span_at(None, &x, 1..3, &at).is_err());
 }
 
 #[test]

@@ -637,13 +637,7 @@ impl Llama {
             let (q, k, v) = blocks.qkv(layer, &hx, &cos, &sin);
             let attn = match shared {
                 Some((pk, pv)) => {
-                    let widen = |s: &Tensor| {
-                        let mut size = s.size();
-                        size[0] = b;
-                        s.expand(size, false)
-                    };
-                    let k = Tensor::cat(&[widen(&pk), k], 2);
-                    let v = Tensor::cat(&[widen(&pv), v], 2);
+                    let (k, v) = (after_prefix(&pk, k, b), after_prefix(&pv, v, b));
                     blocks.attend(&q, &k, &v, mask.as_ref(), false)
                 }
                 None => blocks.attend(&q, &k, &v, None, true),
@@ -667,8 +661,11 @@ impl Llama {
         layers: std::ops::Range<usize>,
         at: &Tensor,
     ) -> Result<Tensor> {
-        if layers.is_empty() {
-            return Err(Error::input("run_span_at needs at least one block"));
+        if layers.is_empty() || layers.end > self.layers.len() {
+            return Err(Error::input(format!(
+                "run_span_at needs at least one block of the model's {}, got {layers:?}",
+                self.layers.len()
+            )));
         }
         let last = layers.end - 1;
         let (prefix, x) = self.run_span(prefix, x, layers.start..last)?;
@@ -692,13 +689,7 @@ impl Llama {
         if let Some(px) = &prefix {
             let (pcos, psin) = self.rotary(&Tensor::arange(p, (Kind::Int64, device)).view([1, -1]));
             let (_, pk, pv) = blocks.qkv(layer, &rms_norm(px, &layer.input_layernorm, eps), &pcos, &psin);
-            let widen = |s: &Tensor| {
-                let mut size = s.size();
-                size[0] = b;
-                s.expand(size, false)
-            };
-            k = Tensor::cat(&[widen(&pk), k], 2);
-            v = Tensor::cat(&[widen(&pv), v], 2);
+            (k, v) = (after_prefix(&pk, k, b), after_prefix(&pv, v, b));
         }
         let d = q.size()[3];
         let q = q.gather(2, &at.view([b, 1, k_at, 1]).expand([b, q.size()[1], k_at, d], false), false);
@@ -1176,6 +1167,14 @@ impl Drop for ThreadsGuard {
 }
 
 /// HF's `LlamaRMSNorm`: `weight * x / sqrt(mean(x²) + eps)`, computed in f32.
+/// The shared prefix's keys or values (`[1, heads, P, d]`) in front of each of `b` rows'
+/// (`[b, heads, T, d]`), without copying the prefix per row before the concatenation.
+fn after_prefix(prefix: &Tensor, rows: Tensor, b: i64) -> Tensor {
+    let mut size = prefix.size();
+    size[0] = b;
+    Tensor::cat(&[prefix.expand(size, false), rows], 2)
+}
+
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     let dim = weight.size()[0];
     Tensor::rms_norm(x, [dim], Some(weight), Some(eps))
