@@ -22,9 +22,9 @@ use tonic::{Code, Status, client::GrpcService};
 use crate::pb;
 
 /// Path of the `FetchBlob` method.
-const PATH: &str = "/llmchain.v1.Registry/FetchBlob";
+pub const FETCH_BLOB_PATH: &str = "/llmchain.v1.Registry/FetchBlob";
 /// Length of the gRPC message prefix: a compression flag and a big-endian u32 length.
-const PREFIX_BYTES: usize = 5;
+pub const GRPC_PREFIX_BYTES: usize = 5;
 
 /// Starts a `FetchBlob` call through `service` (a channel, or a channel wrapped in layers such
 /// as an interceptor) and returns its chunks once the response headers arrived.
@@ -40,14 +40,14 @@ where
     T::ResponseBody: Body<Data = Bytes> + Unpin,
     <T::ResponseBody as Body>::Error: Into<tonic::codegen::StdError>,
 {
-    let mut body = BytesMut::with_capacity(PREFIX_BYTES + request.encoded_len());
+    let mut body = BytesMut::with_capacity(GRPC_PREFIX_BYTES + request.encoded_len());
     body.put_u8(0);
     // A digest and three integers: far below u32::MAX.
     body.put_u32(request.encoded_len() as u32);
     request.encode_raw(&mut body);
     let mut http = http::Request::new(tonic::body::Body::new(Full::new(body.freeze())));
     *http.method_mut() = http::Method::POST;
-    *http.uri_mut() = http::Uri::from_static(PATH);
+    *http.uri_mut() = http::Uri::from_static(FETCH_BLOB_PATH);
     *http.version_mut() = http::Version::HTTP_2;
     http.headers_mut().insert(header::TE, HeaderValue::from_static("trailers"));
     http.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
@@ -141,7 +141,7 @@ where
     fn decode(&mut self) -> Result<Option<pb::FetchBlobResponse>, Status> {
         let len = match self.pending {
             Some(len) => len,
-            None if self.frames.remaining() >= PREFIX_BYTES => {
+            None if self.frames.remaining() >= GRPC_PREFIX_BYTES => {
                 if self.frames.get_u8() != 0 {
                     return Err(Status::internal("compressed FetchBlob messages are not supported"));
                 }

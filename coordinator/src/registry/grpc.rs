@@ -21,6 +21,8 @@ use http_body::Frame;
 use http_body_util::{BodyExt, Limited, StreamBody};
 use llmchain_proto::{
     ApiError,
+    // FETCH_BLOB_PATH: the one method `RegistryService` answers itself.
+    fetch::{FETCH_BLOB_PATH, GRPC_PREFIX_BYTES},
     model::{
         BlobRange, DeltaQuery, MAX_CHUNK_BYTES, MissingBlobsQuery, ModelName, SignedManifest, UploadHeader,
     },
@@ -68,12 +70,8 @@ impl<R> RegistryService<R> {
     }
 }
 
-/// Path of the one method [`RegistryService`] answers itself.
-const FETCH_BLOB_PATH: &str = "/llmchain.v1.Registry/FetchBlob";
 /// Largest `FetchBlob` request body accepted (a digest and three integers need under 100 bytes).
 const MAX_FETCH_REQUEST_BYTES: usize = 64 << 10;
-/// Length of the gRPC message prefix: a compression flag and a big-endian u32 length.
-const GRPC_PREFIX_BYTES: usize = 5;
 
 /// The generated registry server, except that `FetchBlob` responses are written without
 /// copying the blob's bytes (see the module docs).
