@@ -278,19 +278,26 @@ async fn views_and_metrics_follow_the_fleet() {
         70.0
     );
     assert_eq!(value("llmchain_fleet_bytes_saved"), saved as f64);
-    // edge-2's session ended when its stream was dropped; its lease is revoked with it.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    let online = loop {
-        let (_, text) = get(&h.state, "/metrics").await;
-        if sample(&text, "llmchain_agents{state=\"online\"}") == Some(1.0) {
-            break Some(text);
-        }
-        if tokio::time::Instant::now() > deadline {
-            break None;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // edge-2's session ended when its stream was dropped; its lease is revoked with it. The
+    // session task revokes the lease and counts the end one after the other, so wait for both.
+    let ended = |text: &str| {
+        (
+            sample(text, "llmchain_agents{state=\"online\"}"),
+            sample(text, "llmchain_agents{state=\"offline\"}"),
+            sample(text, "llmchain_agent_sessions_ended_total{outcome=\"closed\"}"),
+        )
     };
-    let text = online.expect("edge-2 goes offline after its session ends");
-    assert_eq!(sample(&text, "llmchain_agents{state=\"offline\"}"), Some(1.0));
-    assert_eq!(sample(&text, "llmchain_agent_sessions_ended_total{outcome=\"closed\"}"), Some(1.0));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, text) = get(&h.state, "/metrics").await;
+        let seen = ended(&text);
+        if seen == (Some(1.0), Some(1.0), Some(1.0)) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "edge-2's session never ended: (online, offline, closed) = {seen:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
