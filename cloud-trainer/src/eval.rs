@@ -6,10 +6,10 @@
 //! true labels, columns the decisions) and the expected calibration error (10 equal-width
 //! confidence bins, `Σ |bin| / n · |accuracy(bin) − confidence(bin)|`).
 
-use llmchain_model::{Llama, prompt::softmax};
+use llmchain_model::{KeptTrunk, Llama, prompt::softmax};
 use serde::{Deserialize, Serialize};
 
-use crate::{Result, train::TokenSet};
+use crate::{Error, Result, train::TokenSet};
 
 /// Scores of one label.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,27 +49,110 @@ pub struct EvalReport {
     pub seconds: f64,
 }
 
+/// How an evaluation runs the frozen blocks below a layer.
+pub enum Trunk<'a> {
+    /// Every block.
+    Run,
+    /// Every block, keeping the residual stream entering this block (see [`KeptEval`]).
+    Keep(usize),
+    /// Only the blocks from the kept layer on: for a model whose embeddings and blocks below
+    /// it are those of the model that kept the streams (`last-layers` training changes only the
+    /// blocks above), on the same data.
+    From(&'a KeptEval),
+}
+
+impl<'a> Trunk<'a> {
+    /// [`Trunk::Keep`] at `layer` if there is one, else [`Trunk::Run`].
+    pub fn keep(layer: Option<usize>) -> Self {
+        layer.map_or(Trunk::Run, Trunk::Keep)
+    }
+
+    /// [`Trunk::From`] `kept` if there is one, else [`Trunk::Run`].
+    pub fn reuse(kept: Option<&'a KeptEval>) -> Self {
+        kept.map_or(Trunk::Run, Trunk::From)
+    }
+}
+
+/// The residual streams one evaluation kept at a block, per batch, so that the same data can be
+/// evaluated again after training the blocks above for the cost of those blocks alone.
+pub struct KeptEval {
+    batches: Vec<KeptTrunk>,
+}
+
+impl KeptEval {
+    /// Bytes the kept streams hold.
+    pub fn bytes(&self) -> usize {
+        self.batches.iter().map(KeptTrunk::bytes).sum()
+    }
+}
+
 /// Per-example label probabilities (softmax over the label scores) of `data` under `model`,
 /// `batch` prompts per forward pass.
 pub fn probabilities(model: &Llama, data: &TokenSet, batch: usize) -> Result<Vec<Vec<f64>>> {
+    Ok(probabilities_with(model, data, batch, Trunk::Run)?.0)
+}
+
+/// [`probabilities`] with the trunk run, kept or reused as `trunk` says. Prompts are batched
+/// by length (less padding); results come back in the order of `data`.
+pub fn probabilities_with(
+    model: &Llama,
+    data: &TokenSet,
+    batch: usize,
+    trunk: Trunk<'_>,
+) -> Result<(Vec<Vec<f64>>, Option<KeptEval>)> {
     let prefix = if data.prefix.is_empty() { None } else { Some(model.prefix(&data.prefix)?) };
-    let mut out = Vec::with_capacity(data.examples.len());
-    for chunk in data.examples.chunks(batch.max(1)) {
-        let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.ids.clone()).collect();
-        let scores = model.score(prefix.as_ref(), &prompts, &data.candidates)?;
-        out.extend(scores.iter().map(|row| softmax(row)));
+    let mut order: Vec<usize> = (0..data.examples.len()).collect();
+    order.sort_by_key(|&i| data.examples[i].ids.len());
+    let chunks: Vec<&[usize]> = order.chunks(batch.max(1)).collect();
+    if let Trunk::From(kept) = &trunk
+        && kept.batches.len() != chunks.len()
+    {
+        return Err(Error::Invalid(format!(
+            "the kept streams cover {} batches, this evaluation has {}",
+            kept.batches.len(),
+            chunks.len()
+        )));
     }
-    Ok(out)
+    let mut out = vec![Vec::new(); data.examples.len()];
+    let mut kept = Vec::new();
+    for (k, chunk) in chunks.into_iter().enumerate() {
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|&i| data.examples[i].ids.clone()).collect();
+        let (prefix, candidates) = (prefix.as_ref(), &data.candidates);
+        let scores = match &trunk {
+            Trunk::Run => model.score(prefix, &prompts, candidates)?,
+            Trunk::Keep(layer) => {
+                let (scores, trunk) = model.score_keeping(prefix, &prompts, candidates, *layer)?;
+                kept.push(trunk);
+                scores
+            }
+            Trunk::From(from) => model.score_from(prefix, &prompts, candidates, &from.batches[k])?,
+        };
+        for (&i, row) in chunk.iter().zip(&scores) {
+            out[i] = softmax(row);
+        }
+    }
+    let kept = matches!(trunk, Trunk::Keep(_)).then_some(KeptEval { batches: kept });
+    Ok((out, kept))
 }
 
 /// Evaluates `model` on `data` (see the module docs).
 pub fn evaluate(model: &Llama, data: &TokenSet, labels: &[String]) -> Result<EvalReport> {
+    Ok(evaluate_with(model, data, labels, Trunk::Run)?.0)
+}
+
+/// [`evaluate`] with the trunk run, kept or reused as `trunk` says (see [`Trunk`]).
+pub fn evaluate_with(
+    model: &Llama,
+    data: &TokenSet,
+    labels: &[String],
+    trunk: Trunk<'_>,
+) -> Result<(EvalReport, Option<KeptEval>)> {
     let t0 = std::time::Instant::now();
-    let probs = probabilities(model, data, 16)?;
+    let (probs, kept) = probabilities_with(model, data, 16, trunk)?;
     let truth: Vec<usize> = data.examples.iter().map(|e| e.label).collect();
     let mut report = metrics(&probs, &truth, labels);
     report.seconds = t0.elapsed().as_secs_f64();
-    Ok(report)
+    Ok((report, kept))
 }
 
 /// The metrics of probabilities `probs` against true label indices `truth`.

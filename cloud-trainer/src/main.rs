@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use llmchain_artifact::{BlobDir, Manifest, ModelRef, SigningKey, TrainingMetadata};
 use llmchain_cloud_trainer::{
     data::{self, Dataset, Example},
+    eval,
     pipeline::{self, RunReport},
     publish::{self, Publisher},
     remote,
@@ -526,11 +527,20 @@ async fn train_command(args: TrainArgs) -> anyhow::Result<()> {
         let (_, eval_tokens) = pipeline::tokenize(&start.tokenizer, &eval_for_blocking)?;
         let labels = &eval_for_blocking.labels;
         let mut evals = Vec::new();
+        // `last-layers` leaves the blocks below its own unchanged: the baseline keeps their
+        // output for the held-out set and the evaluation after training starts from it.
+        let frozen = pipeline::frozen_trunk(&start.model, mode);
+        let mut kept = None;
         if !skip_baseline {
-            evals.push((
-                "before".to_string(),
-                pipeline::evaluate_named(&start.model, &eval_tokens, labels, "before")?,
-            ));
+            let (report, streams) = pipeline::evaluate_named(
+                &start.model,
+                &eval_tokens,
+                labels,
+                "before",
+                eval::Trunk::keep(frozen),
+            )?;
+            evals.push(("before".to_string(), report));
+            kept = streams.filter(|_| !skip_eval);
         }
         train::prepare(&mut start.model, mode, seed, lora_alpha)?;
         let trained = train::train(&start.model, &train_tokens, &cfg)?;
@@ -545,10 +555,9 @@ async fn train_command(args: TrainArgs) -> anyhow::Result<()> {
         );
         train::round_trainable(&start.model, dtype);
         if !skip_eval {
-            evals.push((
-                "after".to_string(),
-                pipeline::evaluate_named(&start.model, &eval_tokens, labels, "after")?,
-            ));
+            let trunk = eval::Trunk::reuse(kept.as_ref());
+            let (report, _) = pipeline::evaluate_named(&start.model, &eval_tokens, labels, "after", trunk)?;
+            evals.push(("after".to_string(), report));
         }
         let report = RunReport {
             mode: mode.to_string(),
@@ -649,27 +658,35 @@ async fn incremental_command(args: IncrementalArgs) -> anyhow::Result<()> {
         let (_, old_tokens) = pipeline::tokenize(&start.tokenizer, &old_eval)?;
         let (_, shifted_tokens) = pipeline::tokenize(&start.tokenizer, &shifted_eval)?;
         let labels = &old_eval.labels;
-        let mut evals = vec![
-            (
-                "old_before".to_string(),
-                pipeline::evaluate_named(&start.model, &old_tokens, labels, "old_before")?,
-            ),
-            (
-                "shifted_before".to_string(),
-                pipeline::evaluate_named(&start.model, &shifted_tokens, labels, "shifted_before")?,
-            ),
-        ];
+        // As in `train`: the running version's evaluations keep the frozen trunk's output, the
+        // candidate's start from it.
+        let frozen = pipeline::frozen_trunk(&start.model, mode);
+        let (old_before, old_kept) = pipeline::evaluate_named(
+            &start.model,
+            &old_tokens,
+            labels,
+            "old_before",
+            eval::Trunk::keep(frozen),
+        )?;
+        let (shifted_before, shifted_kept) = pipeline::evaluate_named(
+            &start.model,
+            &shifted_tokens,
+            labels,
+            "shifted_before",
+            eval::Trunk::keep(frozen),
+        )?;
+        let mut evals =
+            vec![("old_before".to_string(), old_before), ("shifted_before".to_string(), shifted_before)];
         train::prepare(&mut start.model, mode, seed, lora_alpha)?;
         let trained = train::train(&start.model, &train_tokens, &cfg)?;
         train::round_trainable(&start.model, dtype);
-        evals.push((
-            "old_after".to_string(),
-            pipeline::evaluate_named(&start.model, &old_tokens, labels, "old_after")?,
-        ));
-        evals.push((
-            "shifted_after".to_string(),
-            pipeline::evaluate_named(&start.model, &shifted_tokens, labels, "shifted_after")?,
-        ));
+        let trunk = eval::Trunk::reuse(old_kept.as_ref());
+        let (old_after, _) = pipeline::evaluate_named(&start.model, &old_tokens, labels, "old_after", trunk)?;
+        evals.push(("old_after".to_string(), old_after));
+        let trunk = eval::Trunk::reuse(shifted_kept.as_ref());
+        let (shifted_after, _) =
+            pipeline::evaluate_named(&start.model, &shifted_tokens, labels, "shifted_after", trunk)?;
+        evals.push(("shifted_after".to_string(), shifted_after));
         let report = RunReport {
             mode: mode.to_string(),
             train_examples: mixed_for_blocking.examples.len(),

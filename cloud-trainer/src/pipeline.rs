@@ -13,9 +13,9 @@ use tch::Device;
 use crate::{
     Error, Result,
     data::Dataset,
-    eval::{EvalReport, evaluate},
+    eval::{self, EvalReport, KeptEval, evaluate_with},
     plot,
-    train::{TokenExample, TokenSet, TrainReport},
+    train::{Mode, TokenExample, TokenSet, TrainReport},
     version::{self, VersionBuild},
 };
 
@@ -82,11 +82,28 @@ pub fn tokenize(tokenizer: &Tokenizer, data: &Dataset) -> Result<(ClassifierProm
     Ok((prompt, set))
 }
 
-/// Evaluates and logs the text table.
-pub fn evaluate_named(model: &Llama, data: &TokenSet, labels: &[String], title: &str) -> Result<EvalReport> {
-    let report = evaluate(model, data, labels)?;
+/// Evaluates and logs the text table; with `trunk`, keeps or reuses the frozen trunk's
+/// streams (see [`eval::Trunk`]).
+pub fn evaluate_named(
+    model: &Llama,
+    data: &TokenSet,
+    labels: &[String],
+    title: &str,
+    trunk: eval::Trunk<'_>,
+) -> Result<(EvalReport, Option<KeptEval>)> {
+    let (report, kept) = evaluate_with(model, data, labels, trunk)?;
     eprint!("{}", report.table(title));
-    Ok(report)
+    Ok((report, kept))
+}
+
+/// The block below which `mode` leaves a model unchanged, when that is more than the
+/// embeddings: evaluations before training keep the stream entering it, and those after
+/// training run only the blocks from it on.
+pub fn frozen_trunk(model: &Llama, mode: Mode) -> Option<usize> {
+    match mode {
+        Mode::LastLayers(n) => Some(model.config().num_hidden_layers.saturating_sub(n)).filter(|&l| l > 0),
+        _ => None,
+    }
 }
 
 /// Everything a run reports, written as `report.json`.

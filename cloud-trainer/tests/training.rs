@@ -319,6 +319,12 @@ fn cached_first_token_probabilities_match_a_full_forward() {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
     }
+    // A training cache (answers after the prompts) reads the same positions.
+    let with_answers = train::ActivationCache::build(&model, &set, 1, true).unwrap();
+    let again = train::cached_first_token_probabilities(&model, &set, &with_answers, 4).unwrap();
+    for (a, b) in again.iter().flatten().zip(got.iter().flatten()) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
 }
 
 #[test]
@@ -338,6 +344,43 @@ fn evaluation_scores_like_the_agent() {
     for (a, b) in probs[0].iter().zip(direct) {
         assert!((a - b).abs() < 1e-6);
     }
+}
+
+#[test]
+fn evaluating_after_last_layers_training_from_the_kept_trunk_equals_a_full_evaluation() {
+    // `train` and `incremental`: the evaluation before keeps the frozen trunk's output, the one
+    // after last-layers training runs only the trained blocks on it. Both must be the full
+    // evaluation of the trained model, in the order of the data (batches go by length).
+    let set = data(13, 4);
+    let labels: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+    let mut model = tiny(4);
+    let frozen = pipeline::frozen_trunk(&model, Mode::LastLayers(1));
+    assert_eq!(frozen, Some(1));
+    assert_eq!(pipeline::frozen_trunk(&model, Mode::Lora(2)), None);
+    assert_eq!(pipeline::frozen_trunk(&model, Mode::LastLayers(2)), None, "nothing below but embeddings");
+    let (before, kept) = eval::evaluate_with(&model, &set, &labels, eval::Trunk::keep(frozen)).unwrap();
+    let kept = kept.expect("streams kept");
+    assert!(kept.bytes() > 0);
+    assert_eq!(
+        before,
+        eval::EvalReport { seconds: before.seconds, ..eval::evaluate(&model, &set, &labels).unwrap() }
+    );
+    let probs_before = eval::probabilities(&model, &set, 16).unwrap();
+    train::prepare(&mut model, Mode::LastLayers(1), 0, None).unwrap();
+    train::train(&model, &set, &cfg(Mode::LastLayers(1), 5e-2, 3)).unwrap();
+    let (probs_after, none) = eval::probabilities_with(&model, &set, 16, eval::Trunk::From(&kept)).unwrap();
+    assert!(none.is_none());
+    let full = eval::probabilities(&model, &set, 16).unwrap();
+    let mut moved = 0.0f64;
+    for ((a, b), c) in probs_after.iter().zip(&full).zip(&probs_before) {
+        for ((x, y), z) in a.iter().zip(b).zip(c) {
+            assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
+            moved = moved.max((y - z).abs());
+        }
+    }
+    assert!(moved > 1e-3, "training changed the probabilities");
+    // Streams kept for another batching (or other data) are refused, not misread.
+    assert!(eval::probabilities_with(&model, &set, 4, eval::Trunk::From(&kept)).is_err());
 }
 
 #[test]

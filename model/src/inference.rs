@@ -17,7 +17,7 @@ use tch::{Kind, Tensor};
 use tracing::debug;
 
 use crate::error::{Error, Result};
-use crate::llama::{KvCache, Llama, Padding};
+use crate::llama::{KvCache, Llama, Padding, Trunk};
 
 /// The KV cache of a token sequence that many prompts start with, computed once.
 #[derive(Debug)]
@@ -31,6 +31,37 @@ impl Prefix {
     pub fn ids(&self) -> &[u32] {
         &self.ids
     }
+}
+
+/// The residual stream of one [`Llama::score_keeping`] request entering a block, for
+/// [`Llama::score_from`]: `[prompts, step width, hidden]` f32 (about 2.3 KiB per position for
+/// SmolLM2-135M).
+#[derive(Debug)]
+pub struct KeptTrunk {
+    layer: usize,
+    /// None when the request needed no step (empty prompts after a prefix, one-token candidates).
+    hidden: Option<Tensor>,
+    request: u64,
+}
+
+impl KeptTrunk {
+    /// The block the kept stream enters.
+    pub fn layer(&self) -> usize {
+        self.layer
+    }
+
+    /// Bytes the kept stream holds.
+    pub fn bytes(&self) -> usize {
+        self.hidden.as_ref().map_or(0, |h| h.numel() * h.kind().elt_size_in_bytes())
+    }
+}
+
+/// What identifies a scoring request (the prefix's, prompts' and candidates' ids).
+fn request_key(prefix: Option<&Prefix>, prompts: &[Vec<u32>], candidates: &[Vec<u32>]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    (prefix.map(Prefix::ids), prompts, candidates).hash(&mut h);
+    h.finish()
 }
 
 /// How [`Llama::generate`] picks and stops.
@@ -113,6 +144,53 @@ impl Llama {
         prompts: &[Vec<u32>],
         candidates: &[Vec<u32>],
     ) -> Result<Vec<Vec<f32>>> {
+        Ok(self.score_tree(prefix, prompts, candidates, Trunk::Run)?.0)
+    }
+
+    /// [`Llama::score`], also keeping the residual stream entering block `layer` at every
+    /// position of the step, so that a model whose blocks below `layer` are the same (e.g. after
+    /// training only the blocks from `layer` on) scores the same request with
+    /// [`Llama::score_from`] for the cost of its top blocks.
+    pub fn score_keeping(
+        &self,
+        prefix: Option<&Prefix>,
+        prompts: &[Vec<u32>],
+        candidates: &[Vec<u32>],
+        layer: usize,
+    ) -> Result<(Vec<Vec<f32>>, KeptTrunk)> {
+        let (scores, hidden) = self.score_tree(prefix, prompts, candidates, Trunk::Keep(layer))?;
+        Ok((scores, KeptTrunk { layer, hidden, request: request_key(prefix, prompts, candidates) }))
+    }
+
+    /// [`Llama::score`] of the request `kept` was computed for, running only blocks
+    /// `kept.layer()..` of this model on the kept stream. `prefix` must be this model's (its
+    /// keys and values of those blocks differ from the keeping model's). The result equals
+    /// [`Llama::score`] when this model's embeddings and blocks below the layer are the ones
+    /// that kept the stream; that is the caller's to ensure. A different request is refused.
+    pub fn score_from(
+        &self,
+        prefix: Option<&Prefix>,
+        prompts: &[Vec<u32>],
+        candidates: &[Vec<u32>],
+        kept: &KeptTrunk,
+    ) -> Result<Vec<Vec<f32>>> {
+        if kept.request != request_key(prefix, prompts, candidates) {
+            return Err(Error::input("the kept stream was computed for other prompts, candidates or prefix"));
+        }
+        let trunk = match &kept.hidden {
+            Some(h) => Trunk::From(kept.layer, h),
+            None => Trunk::Run,
+        };
+        Ok(self.score_tree(prefix, prompts, candidates, trunk)?.0)
+    }
+
+    fn score_tree(
+        &self,
+        prefix: Option<&Prefix>,
+        prompts: &[Vec<u32>],
+        candidates: &[Vec<u32>],
+        trunk: Trunk<'_>,
+    ) -> Result<(Vec<Vec<f32>>, Option<Tensor>)> {
         let _guard = tch::no_grad_guard();
         if prompts.is_empty() {
             return Err(Error::input("no prompts to score"));
@@ -148,6 +226,7 @@ impl Llama {
         };
         let base: Vec<i64> = cache.positions().to_vec();
         let prefix_hidden = cache.last_hidden().map(Tensor::shallow_clone);
+        let mut kept = None;
         let hidden = if width > 0 {
             let n = b * width;
             let (mut ids, mut pos, mut valid) = (vec![0i64; n], vec![0i64; n], vec![false; n]);
@@ -172,7 +251,9 @@ impl Llama {
                     }
                 }
             }
-            Some(self.forward_tree(cache, width, &ids, &pos, &valid, &sees)?) // [B, W, H]
+            let (hidden, trunk) = self.forward_tree(cache, width, &ids, &pos, &valid, &sees, trunk)?;
+            kept = trunk;
+            Some(hidden) // [B, W, H]
         } else {
             None
         };
@@ -237,7 +318,7 @@ impl Llama {
             }
         }
         debug!(prompts = b, candidates = c, prefix = prefix.map_or(0, |p| p.ids.len()), "scored");
-        Ok(scores.into_iter().map(|row| row.into_iter().map(|x| x as f32).collect()).collect())
+        Ok((scores.into_iter().map(|row| row.into_iter().map(|x| x as f32).collect()).collect(), kept))
     }
 
     /// Continues `prompt` token by token; see [`GenerateOptions`].
@@ -432,6 +513,55 @@ mod tests {
                 assert!((alone[0][ci] - one_step_nonempty[p][ci]).abs() < 1e-4, "no prefix: prompt {p} {ci}");
             }
         }
+    }
+
+    /// A model that differs from `tiny(11)` only in its top block and final norm scores from
+    /// the stream `tiny(11)` kept as it scores from scratch; the keeping model's own scores are
+    /// unchanged by keeping; another request is refused.
+    #[test]
+    fn scoring_from_a_kept_trunk_equals_scoring_from_scratch() {
+        let base = tiny(11);
+        let tuned = tiny(11);
+        tch::no_grad(|| {
+            tch::manual_seed(5);
+            for (name, mut t) in tuned.named_tensors() {
+                if name.starts_with("model.layers.1.") || name == "model.norm.weight" {
+                    let noise = t.randn_like() * 0.2;
+                    let _ = t.g_add_(&noise);
+                }
+            }
+        });
+        // Enough rows × slots (≥ 64) that the step is split over prefill workers by rows.
+        let long: Vec<u32> = (0..24).map(|i| 5 + (i * 7) % 40).collect();
+        let prompts: Vec<Vec<u32>> =
+            vec![vec![7, 8, 9, 10, 11], vec![12], vec![], vec![13, 14, 15], long.clone(), long[3..].to_vec()];
+        let candidates: Vec<Vec<u32>> = vec![vec![20], vec![21, 22], vec![21, 23, 24]];
+        let (base_prefix, tuned_prefix) =
+            (base.prefix(&[3, 4, 5, 6]).unwrap(), tuned.prefix(&[3, 4, 5, 6]).unwrap());
+        let close = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+            a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max)
+        };
+        for layer in [0, 1] {
+            let (kept_scores, kept) =
+                base.score_keeping(Some(&base_prefix), &prompts, &candidates, layer).unwrap();
+            assert_eq!(kept.layer(), layer);
+            assert!(kept.bytes() > 0);
+            let scratch = base.score(Some(&base_prefix), &prompts, &candidates).unwrap();
+            assert!(close(&kept_scores, &scratch) < 1e-6, "keeping changed the scores at {layer}");
+            let want = tuned.score(Some(&tuned_prefix), &prompts, &candidates).unwrap();
+            let got = tuned.score_from(Some(&tuned_prefix), &prompts, &candidates, &kept).unwrap();
+            assert!(close(&got, &want) < 1e-5, "layer {layer}: {got:?} vs {want:?}");
+            assert!(close(&want, &scratch) > 1e-3, "the tuned top block changes the scores");
+        }
+        // Kept past every block: only the final norm and the head remain.
+        let (_, kept) = base.score_keeping(Some(&base_prefix), &prompts, &candidates, 2).unwrap();
+        let again = base.score_from(Some(&base_prefix), &prompts, &candidates, &kept).unwrap();
+        let scratch = base.score(Some(&base_prefix), &prompts, &candidates).unwrap();
+        assert!(close(&again, &scratch) < 1e-6);
+        let (_, kept) = base.score_keeping(Some(&base_prefix), &prompts, &candidates, 1).unwrap();
+        let err = tuned.score_from(Some(&tuned_prefix), &prompts[1..], &candidates, &kept).unwrap_err();
+        assert!(err.to_string().contains("other prompts"), "{err}");
+        assert!(base.score_keeping(Some(&base_prefix), &prompts, &candidates, 3).is_err());
     }
 
     #[test]

@@ -16,6 +16,6 @@ pub mod weights;
 
 pub use config::LlamaConfig;
 pub use error::{Error, Result};
-pub use inference::{GenerateOptions, Generation, Prefix, StopReason};
+pub use inference::{GenerateOptions, Generation, KeptTrunk, Prefix, StopReason};
 pub use llama::{KvCache, Llama, Padding};
 pub use weights::{SaveDtype, load_pretrained};

@@ -18,6 +18,7 @@
 //!
 //! A `Llama` is `Send` but not `Sync` (libtorch tensors are not): run it on one thread at a time.
 
+use std::ops::Range;
 use std::sync::{Condvar, Mutex, PoisonError};
 
 use tch::{Device, Kind, Tensor, nn};
@@ -510,6 +511,10 @@ impl Llama {
     /// step: each candidate starts at the position after the record and sees the record and its
     /// own earlier tokens, never another candidate's. The new slots are not one sequence, so the
     /// cache cannot be continued afterwards: it is consumed.
+    ///
+    /// `trunk` says how the blocks below a layer run (see [`Trunk`]); with [`Trunk::Keep`] the
+    /// residual stream entering that layer is returned too.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward_tree(
         &self,
         mut cache: KvCache,
@@ -518,7 +523,8 @@ impl Llama {
         positions: &[i64],
         valid: &[bool],
         sees: &[bool],
-    ) -> Result<Tensor> {
+        trunk: Trunk<'_>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let _guard = tch::no_grad_guard();
         let b = cache.batch as usize;
         let n = b * t;
@@ -543,8 +549,30 @@ impl Llama {
         let mask = cache.attention_mask(valid, Some(sees), t as i64, device);
         let ids = Tensor::from_slice(ids).view([b as i64, t as i64]).to_device(device);
         let positions = Tensor::from_slice(positions).view([b as i64, t as i64]).to_device(device);
-        let x = Tensor::embedding(&self.embed_tokens, &ids, -1, false, false);
-        Ok(self.run_layers(x, &positions, Some(&mask), false, Some(&mut cache), true))
+        let layers = self.layers.len();
+        let (x, from, kept) = match trunk {
+            Trunk::Run => (Tensor::embedding(&self.embed_tokens, &ids, -1, false, false), 0, None),
+            Trunk::Keep(at) => {
+                if at > layers {
+                    return Err(Error::input(format!("block {at} is beyond the model's {layers}")));
+                }
+                let x = Tensor::embedding(&self.embed_tokens, &ids, -1, false, false);
+                let x = self.run_blocks(x, &positions, Some(&mask), false, Some(&mut cache), true, 0..at);
+                (x.shallow_clone(), at, Some(x))
+            }
+            Trunk::From(at, x) => {
+                let want = [b as i64, t as i64, self.config.hidden_size as i64];
+                if at > layers || x.size() != want {
+                    return Err(Error::input(format!(
+                        "a kept stream {:?} entering block {at} does not fit a step of {want:?} in {layers} blocks",
+                        x.size()
+                    )));
+                }
+                (x.to_device(device), at, None)
+            }
+        };
+        let x = self.run_blocks(x, &positions, Some(&mask), false, Some(&mut cache), true, from..layers);
+        Ok((rms_norm(&x, &self.norm, self.config.rms_norm_eps), kept))
     }
 
     /// Output logits `[.., vocab]` for final-norm hidden states `[.., hidden]`.
@@ -587,7 +615,7 @@ impl Llama {
         &self,
         prefix: Option<&Tensor>,
         x: &Tensor,
-        layers: std::ops::Range<usize>,
+        layers: Range<usize>,
     ) -> Result<(Option<Tensor>, Tensor)> {
         let h = self.config.hidden_size as i64;
         let size = x.size();
@@ -658,7 +686,7 @@ impl Llama {
         &self,
         prefix: Option<&Tensor>,
         x: &Tensor,
-        layers: std::ops::Range<usize>,
+        layers: Range<usize>,
         at: &Tensor,
     ) -> Result<Tensor> {
         if layers.is_empty() || layers.end > self.layers.len() {
@@ -781,29 +809,47 @@ impl Llama {
         cache: Option<&mut KvCache>,
         split: bool,
     ) -> Tensor {
+        let x = self.run_blocks(x, positions, mask, causal, cache, split, 0..self.layers.len());
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// Blocks `range` over the residual stream `x` (no final norm); with `cache`, they write
+    /// and read their own layers' keys and values at the cache's current length, which stays
+    /// where it is (the caller advances it once every block has run).
+    #[allow(clippy::too_many_arguments)]
+    fn run_blocks(
+        &self,
+        x: Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        causal: bool,
+        cache: Option<&mut KvCache>,
+        split: bool,
+        range: Range<usize>,
+    ) -> Tensor {
         let (cos, sin) = self.rotary(positions);
         let blocks = self.blocks();
         let start = cache.as_ref().map_or(0, |k| k.len);
-        let kv = cache.map(|c| (&c.keys[..], &c.values[..]));
+        let kv = cache.map(|c| (&c.keys[range.clone()], &c.values[range.clone()]));
+        let layers = &self.layers[range];
         let (b, t) = (x.size()[0], x.size()[1]);
         let threads = if split && !self.device().is_cuda() && b * t >= SPLIT_MIN_TOKENS {
             tch::get_num_threads().max(1) as usize
         } else {
             1
         };
-        let x = match kv {
+        match kv {
             Some(kv) if threads > 1 && b > 1 => {
-                blocks.run_rows(&self.layers, x, (&cos, &sin), mask, causal, kv, start, threads)
+                blocks.run_rows(layers, x, (&cos, &sin), mask, causal, kv, start, threads)
             }
             Some(kv) if threads > 1 && causal && mask.is_none() && start == 0 && t >= 2 * MIN_CHUNK => {
-                blocks.run_chunks(&self.layers, x, (&cos, &sin), kv, threads)
+                blocks.run_chunks(layers, x, (&cos, &sin), kv, threads)
             }
             _ => {
                 let fold = blocks.fold(mask, causal);
-                blocks.run(&self.layers, x, (&cos, &sin), mask, causal, fold, kv, start, &|_| {})
+                blocks.run(layers, x, (&cos, &sin), mask, causal, fold, kv, start, &|_| {})
             }
-        };
-        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+        }
     }
 
     /// The hyper-parameters and adapter scale the block arithmetic reads.
@@ -1196,6 +1242,18 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let x2 = x.narrow(3, half, half);
     let rotated = Tensor::cat(&[&x2.neg(), &x1], 3);
     x * cos + rotated * sin
+}
+
+/// How [`Llama::forward_tree`] runs the blocks below a layer.
+#[derive(Clone, Copy)]
+pub(crate) enum Trunk<'a> {
+    /// Every block, from the embeddings.
+    Run,
+    /// Every block, keeping the residual stream entering this block.
+    Keep(usize),
+    /// Only the blocks from this one on, from a stream kept at it (by a model whose blocks
+    /// below are the same).
+    From(usize, &'a Tensor),
 }
 
 /// Keys and values of every layer for a batch of sequences, preallocated to a capacity so a
