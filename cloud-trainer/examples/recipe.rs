@@ -102,14 +102,18 @@ fn main() -> anyhow::Result<()> {
     eprintln!("{cfg:?} on {n} records");
     let labels = held.labels.clone();
     let truth: Vec<usize> = held_set.examples.iter().map(|e| e.label).collect();
+    let train_truth: Vec<usize> = train_set.examples.iter().map(|e| e.label).collect();
     let t0 = Instant::now();
     let mut last = None;
     let report = train::train_with(&model, &train_set, &cfg, Some(&train_cache), &mut |epoch, m| {
         let probs = train::cached_first_token_probabilities(m, &held_set, &held_cache, 32)?;
         let r = eval::metrics(&probs, &truth, &labels);
+        let seen = train::cached_first_token_probabilities(m, &train_set, &train_cache, 32)?;
+        let seen = eval::metrics(&seen, &train_truth, &labels);
         eprintln!(
-            "epoch {epoch}: held-out {:.2}% at {:.0} s",
+            "epoch {epoch}: held-out {:.2}%, training records {:.2}% at {:.0} s",
             100.0 * r.accuracy,
+            100.0 * seen.accuracy,
             t0.elapsed().as_secs_f64()
         );
         last = Some((r, probs));
@@ -118,6 +122,18 @@ fn main() -> anyhow::Result<()> {
     eprintln!("{} steps in {:.0} s", report.steps_done, report.train_seconds);
     let (r, probs) = last.expect("at least one epoch");
     eprint!("{}", r.table("held-out"));
+    // How much of the error is the training mix's prior: the same probabilities reweighted by
+    // (held-out generator's default mix / training mix), per label.
+    let natural = llmchain_task::generate::GenConfig::base(2).mix;
+    let (ts, ns) = (mix.iter().sum::<f64>(), natural.iter().sum::<f64>());
+    let reweighted: Vec<Vec<f64>> = probs
+        .iter()
+        .map(|p| {
+            p.iter().enumerate().map(|(l, &x)| x * (natural[l] / ns) / (mix[l] / ts).max(1e-9)).collect()
+        })
+        .collect();
+    let rw = eval::metrics(&reweighted, &truth, &labels);
+    eprintln!("with the held-out prior instead of the training mix: {:.2}%", 100.0 * rw.accuracy);
     if args.iter().any(|a| a == "--errors") {
         for ((e, p), ex) in held_set.examples.iter().zip(&probs).zip(&held.examples) {
             let said = (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap_or(0);
