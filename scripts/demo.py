@@ -62,6 +62,7 @@ class Settings:
     shift_s: int  # deciding on v2 under the shifted distribution
     v3_s: int  # deciding on v3 after its rollout
     mqtt_rate: float  # records/s the feeder publishes to edge-1
+    window_s: int  # an agent's summary window: rollout gates and hard examples wait for one to close
     min_decisions: int  # decisions on the new version before the rollout gates are judged
     hard_summaries: int  # newest summaries the incremental round reads hard examples from
 
@@ -82,26 +83,28 @@ FULL = Settings(
     shift_s=45,
     v3_s=20,
     mqtt_rate=0.5,
+    window_s=20,
     min_decisions=10,
     hard_summaries=25,
 )
 QUICK = Settings(
     name="quick",
-    train_n=160,
-    held_n=40,
+    train_n=128,
+    held_n=32,
     mode="last-layers:2",
-    epochs=8,
+    epochs=10,
     lr="5e-4",
     batch_size=8,
-    replay_n=60,
+    replay_n=40,
     inc_epochs=3,
-    base_s=8,
+    base_s=6,
     soak="3s",
-    v2_s=8,
-    shift_s=20,
-    v3_s=8,
-    mqtt_rate=0.5,
-    min_decisions=5,
+    v2_s=6,
+    shift_s=10,
+    v3_s=6,
+    mqtt_rate=1.0,
+    window_s=6,
+    min_decisions=3,
     hard_summaries=12,
 )
 
@@ -571,7 +574,7 @@ def start_agent(ctx: Ctx, agent_id: str, source: str) -> None:
         "--label", AGENT_LABEL, "--label", f"source={'mqtt' if source.startswith('mqtt') else 'sim'}",
         "--coordinator", ctx.coord_url, "--cache-dir", str(home / "cache"), "--state-dir", str(home / "state"),
         "--trainer-key", str(ctx.work / "trainer.key.pub"), "--source", source,
-        "--executor", f"jsonl:{home / 'decisions.jsonl'}", "--window-s", "20", "--hard-examples", "4",
+        "--executor", f"jsonl:{home / 'decisions.jsonl'}", "--window-s", str(ctx.s.window_s), "--hard-examples", "4",
         "--report-interval-ms", "1000", "--max-backoff-ms", "2000", "--device", "cpu",
         # Small batches: on two shared cores a batch of 16 takes tens of seconds.
         "--batch-size", "4", "--batch-wait-ms", "20",
@@ -826,8 +829,8 @@ def final_phase(ctx: Ctx, v3: int | None) -> None:
         if rollout(ctx, v3)["state"] == "succeeded":
             wait_all_running(ctx, v3, 120)
             observe(ctx, f"v{v3}, shifted distribution", ctx.s.v3_s)
-    # Let the last windows close and reach the coordinator.
-    time.sleep(12)
+    # Let the last windows close and reach the coordinator (reports go out every second).
+    time.sleep(ctx.s.window_s + 2)
 
 
 def collect(ctx: Ctx) -> None:
@@ -903,8 +906,8 @@ def write_report(ctx: Ctx) -> str:
         "",
         f"Records seen by the agents: {human(raw)} raw (stayed on the nodes) vs {human(summ)} of summaries "
         f"sent ({b.get('summaries', 0)} summaries, {raw / max(1, summ):.1f}x smaller). A summary holds counts, "
-        "a confidence histogram, latency percentiles and 4 hard examples (~375 bytes of text each) per 20-s "
-        "window, a fixed cost per window: the ratio grows with the records a window holds, and this machine "
+        "a confidence histogram, latency percentiles and 4 hard examples (~375 bytes of text each) per "
+        f"{s.window_s}-s window, a fixed cost per window: the ratio grows with the records a window holds, and this machine "
         "decides only a few records per second.",
         "",
         "## Decisions",
