@@ -4,6 +4,10 @@
 //! (first answer token, from the cache) after every epoch.
 //!
 //! cargo run -p llmchain-cloud-trainer --example recipe -- --train 1000 --epochs 4 --lr 1e-3
+//!
+//! Other knobs: `--pool N` / `--held N` (sizes of the cached sets), `--batch`, `--warmup`,
+//! `--wd`, `--clip` (global gradient-norm clip, 0 = off), `--objective candidates|vocab`,
+//! `--mix`, `--errors` (print every misread held-out record), `--cache-only`.
 
 use std::{path::PathBuf, time::Instant};
 
@@ -96,6 +100,7 @@ fn main() -> anyhow::Result<()> {
         batch_size: arg(&args, "--batch", 8),
         warmup_steps: arg(&args, "--warmup", 20),
         weight_decay: arg(&args, "--wd", 0.01),
+        clip_norm: arg(&args, "--clip", 1.0),
         objective,
         ..TrainConfig::for_mode(mode)
     };
@@ -119,7 +124,20 @@ fn main() -> anyhow::Result<()> {
         last = Some((r, probs));
         Ok(())
     })?;
-    eprintln!("{} steps in {:.0} s", report.steps_done, report.train_seconds);
+    let norms = &report.grad_norms;
+    let median = {
+        let mut n = norms.clone();
+        n.sort_by(f32::total_cmp);
+        n.get(n.len() / 2).copied().unwrap_or(0.0)
+    };
+    eprintln!(
+        "{} steps in {:.0} s; gradient norm median {median:.2}, {} of {} steps clipped at {}",
+        report.steps_done,
+        report.train_seconds,
+        report.clipped_steps(cfg.clip_norm),
+        norms.len(),
+        cfg.clip_norm
+    );
     let (r, probs) = last.expect("at least one epoch");
     eprint!("{}", r.table("held-out"));
     // How much of the error is the training mix's prior: the same probabilities reweighted by

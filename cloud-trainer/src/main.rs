@@ -545,13 +545,16 @@ async fn train_command(args: TrainArgs) -> anyhow::Result<()> {
         train::prepare(&mut start.model, mode, seed, lora_alpha)?;
         let trained = train::train(&start.model, &train_tokens, &cfg)?;
         eprintln!(
-            "trained {} steps ({} resumed) of {}: {:.0} tokens/s, {:.0} s (+{:.0} s activation cache)",
+            "trained {} steps ({} resumed) of {}: {:.0} tokens/s, {:.0} s (+{:.0} s activation cache); \
+             gradient clipped at {} in {} steps",
             trained.steps_done - trained.resumed_from,
             trained.resumed_from,
             trained.total_steps,
             trained.tokens_per_second(),
             trained.train_seconds,
-            trained.cache_seconds
+            trained.cache_seconds,
+            cfg.clip_norm,
+            trained.clipped_steps(cfg.clip_norm)
         );
         train::round_trainable(&start.model, dtype);
         if !skip_eval {

@@ -245,12 +245,24 @@ pub struct TrainReport {
     pub train_seconds: f64,
     /// Sequence tokens (prefix, prompt and answer) of the steps this run executed.
     pub train_tokens: u64,
+    /// Global gradient norm (before clipping) of every step this run executed.
+    #[serde(default)]
+    pub grad_norms: Vec<f32>,
 }
 
 impl TrainReport {
     /// Training throughput of this run's steps, in sequence tokens per second.
     pub fn tokens_per_second(&self) -> f64 {
         self.train_tokens as f64 / self.train_seconds.max(1e-9)
+    }
+
+    /// How many of this run's steps had their gradient clipped at `clip_norm`.
+    pub fn clipped_steps(&self, clip_norm: f64) -> usize {
+        if clip_norm <= 0.0 {
+            0
+        } else {
+            self.grad_norms.iter().filter(|&&n| f64::from(n) > clip_norm).count()
+        }
     }
 }
 
@@ -536,6 +548,7 @@ pub fn train_with(
         cache_seconds: 0.0,
         train_seconds: 0.0,
         train_tokens: 0,
+        grad_norms: Vec::new(),
     };
     let end = cfg.stop_after.map_or(total, |s| s.min(total));
     if let Some(c) = cache
@@ -589,7 +602,8 @@ pub fn train_with(
         right_seen = (right_seen.0 + right, right_seen.1 + batch.len());
         loss.backward();
         let lr = learning_rate(cfg.lr, step, cfg.warmup_steps, total);
-        adamw_step(&mut slots, step + 1, lr, cfg.weight_decay, cfg.clip_norm);
+        let grad_norm = adamw_step(&mut slots, step + 1, lr, cfg.weight_decay, cfg.clip_norm);
+        report.grad_norms.push(grad_norm as f32);
         let value = loss.double_value(&[]) as f32;
         if !value.is_finite() {
             return Err(Error::Invalid(format!("loss is {value} at step {step}; lower the learning rate")));
@@ -598,7 +612,7 @@ pub fn train_with(
         first_losses.push(first_token);
         report.train_tokens += batch.iter().map(|&i| data.sequence_len(i) as u64).sum::<u64>();
         if step % 10 == 0 || step + 1 == end {
-            info!(step, total, loss = value, first_token_loss = first_token, lr, "step");
+            info!(step, total, loss = value, first_token_loss = first_token, lr, grad_norm, "step");
         }
         if (step + 1) % steps_per_epoch == 0 {
             after_epoch(epoch, model)?;
@@ -780,13 +794,14 @@ pub fn cached_first_token_probabilities(
     Ok(out)
 }
 
-/// One AdamW update (β = 0.9, 0.999; ε = 1e-8) after clipping the global gradient norm.
+/// One AdamW update (β = 0.9, 0.999; ε = 1e-8) after clipping the global gradient norm;
+/// returns that norm before clipping.
 ///
 /// Every operation works in place except one square per tensor: on CPU the update is bound by
 /// memory traffic (parameters, gradients and both moments are read and written once per
 /// operation), and the straightforward form, with a temporary per arithmetic operation, cost
 /// more than half of a `last-layers:2` step.
-fn adamw_step(slots: &mut [Slot], t: usize, lr: f64, weight_decay: f64, clip_norm: f64) {
+fn adamw_step(slots: &mut [Slot], t: usize, lr: f64, weight_decay: f64, clip_norm: f64) -> f64 {
     let _guard = tch::no_grad_guard();
     let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
     let grads: Vec<Option<Tensor>> = slots
@@ -820,6 +835,7 @@ fn adamw_step(slots: &mut [Slot], t: usize, lr: f64, weight_decay: f64, clip_nor
         let _ = d.g_div_scalar_(c2.sqrt()).g_add_scalar_(eps).g_mul_scalar_(-c1 / lr);
         let _ = p.addcdiv_(&s.m, &d);
     }
+    norm
 }
 
 const LATEST: &str = "LATEST";
@@ -973,10 +989,11 @@ mod tests {
                 s.param.zero_grad();
                 loss.backward();
             }
-            adamw_step(&mut slots, t, lr, wd, clip);
+            let reported = adamw_step(&mut slots, t, lr, wd, clip);
             let g: Vec<Vec<f64>> =
                 grads.iter().map(|g| g.iter().map(|&x| f64::from(x * k)).collect()).collect();
             let norm = g.iter().flatten().map(|x| x * x).sum::<f64>().sqrt();
+            assert!((reported - norm).abs() < 1e-5 * norm, "step {t}: norm {reported} vs {norm}");
             let scale = if norm > clip { clip / (norm + 1e-6) } else { 1.0 };
             let (c1, c2) = (1.0 - 0.9f64.powi(t as i32), 1.0 - 0.999f64.powi(t as i32));
             for (i, gi) in g.iter().enumerate() {
