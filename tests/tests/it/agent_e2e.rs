@@ -170,24 +170,38 @@ async fn spooled_summaries_survive_sigkill_and_arrive_exactly_once() {
     wait_running(&mut fleet, "edge-2", MODEL, 1, Duration::from_secs(30)).await;
 
     // Every sequence number arrives once, with no gaps: 1..=last.
-    let all = eventually(Duration::from_secs(60), || async {
+    eventually(Duration::from_secs(60), || async {
         let info = agent_info(&mut c.fleet().await, "edge-2").await?;
         let depth = info.status?.spool_depth;
         let s = summaries(&c, "edge-2").await;
-        (depth == 0 && s.len() >= 10).then_some(s)
+        (depth == 0 && s.len() >= 10).then_some(())
     })
     .await
     .expect("the spool drained");
+    // The agent keeps reporting until it is gone; a report in flight when it is killed may
+    // still be stored after. So stop it, then wait until the stored list and the aggregates
+    // agree.
     drop(agent);
+    let (all, stats) = eventually(Duration::from_secs(20), || {
+        let (c, mut fleet) = (&c, fleet.clone());
+        async move {
+            let all = summaries(c, "edge-2").await;
+            let stats = fleet
+                .get_fleet_stats(pb::GetFleetStatsRequest { model: MODEL.into() })
+                .await
+                .ok()?
+                .into_inner();
+            (stats.summaries == all.len() as u64).then_some((all, stats))
+        }
+    })
+    .await
+    .expect("the fleet statistics count the stored summaries");
     let seqs: Vec<u64> = all.iter().map(|s| s.seq).collect();
     let unique: BTreeSet<u64> = seqs.iter().copied().collect();
     assert_eq!(unique.len(), seqs.len(), "duplicates in {seqs:?}");
     let last = *seqs.last().unwrap();
     assert_eq!(seqs, (1..=last).collect::<Vec<_>>(), "gaps in the sequence numbers");
     // The aggregates counted each summary once.
-    let stats =
-        fleet.get_fleet_stats(pb::GetFleetStatsRequest { model: MODEL.into() }).await.unwrap().into_inner();
-    assert_eq!(stats.summaries, all.len() as u64);
     assert_eq!(stats.raw_bytes, all.iter().map(|s| s.raw_bytes).sum::<u64>());
 }
 

@@ -141,16 +141,28 @@ async fn metrics_of_coordinator_and_agent_count_a_scripted_run() {
     let agent_decisions = by_label(&agent_scrape, "llmchain_agent_decisions_total", "label");
 
     // The coordinator: the same decisions per label ingested, the bytes it served are the
-    // bytes the agent received, one agent online running v1.
-    let coordinator = eventually(Duration::from_secs(20), || {
-        let scrape = scrape(http);
-        let ingested = by_label(&scrape, "llmchain_decisions_ingested_total", "label");
-        let done = ingested.values().sum::<f64>() == GOOD as f64;
-        std::future::ready(done.then_some(scrape))
+    // bytes the agent received, one agent online running v1. The records can span two summary
+    // windows (they close every 0.5 s) and the agent's gate above can pass between them, so
+    // wait until the coordinator holds every record and as many summaries as the agent has
+    // sent by then, and compare with that later scrape of the agent.
+    let (coordinator, agent_scrape) = eventually(Duration::from_secs(20), || {
+        let (coordinator, agent) = (scrape(http), scrape(agent_http));
+        let ingested = by_label(&coordinator, "llmchain_decisions_ingested_total", "label");
+        let stored = value(&coordinator, "llmchain_summaries_ingested_total", &[("outcome", "stored")]);
+        let done = ingested.values().sum::<f64>() == GOOD as f64
+            && value(&coordinator, "llmchain_records_ingested_total", &[("model", MODEL)]) == Some(total)
+            && stored.is_some()
+            && value(&agent, "llmchain_agent_summaries_total", &[]) == stored
+            && value(&agent, "llmchain_agent_spool_depth", &[]) == Some(0.0);
+        std::future::ready(done.then_some((coordinator, agent)))
     })
     .await
     .unwrap_or_else(|| {
-        panic!("the coordinator did not ingest {GOOD} decisions: {}", http_get(http, "/metrics").1)
+        panic!(
+            "the coordinator did not ingest {GOOD} decisions and every summary the agent sent: {}\n\nagent:\n{}",
+            http_get(http, "/metrics").1,
+            http_get(agent_http, "/metrics").1
+        )
     });
     let ingested = by_label(&coordinator, "llmchain_decisions_ingested_total", "label");
     for (label, n) in &agent_decisions {

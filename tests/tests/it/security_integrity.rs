@@ -445,7 +445,14 @@ async fn a_compromised_coordinator_cannot_make_the_agent_load_altered_or_unautho
     let later: prost_types::Timestamp = (SystemTime::now() + Duration::from_secs(86_400)).into();
     h.double.state().manifests.insert(8, altered(&s8, |m| m.expires_at = Some(later)));
     refused(&h.assign(8, None).await, Refused, "does not verify", 1);
-    let v1_decisions = decisions_by(&decisions, 1);
+    // v1 decided while those versions were refused (the agent's pipeline writes its decisions
+    // on its own schedule, so wait for the first).
+    let v1_decisions = eventually(Duration::from_secs(20), || async {
+        let n = decisions_by(&decisions, 1);
+        (n > 0).then_some(n)
+    })
+    .await
+    .unwrap_or(0);
 
     // The genuine v2 still loads: the refusals above were not the agent refusing everything.
     let r = h.assign(2, None).await;

@@ -216,7 +216,14 @@ async fn a_rollout_is_one_trace_from_the_operator_call_to_the_agents_swap() {
                 "report_summaries",
             ]
             .iter()
-            .all(|name| have(AGENT, name));
+            .all(|name| have(AGENT, name))
+            // A parent span closes after its children, so it can be exported a batch later:
+            // wait for the request spans too, not only for what runs inside them.
+            && grpc_spans(&spans, "/llmchain.v1.Registry/FetchBlob")
+                >= spans.iter().filter(|s| s.service == AGENT && s.name() == "fetch_blob").count()
+            && grpc_spans(&spans, "/llmchain.v1.Registry/GetManifest") > 0
+            && grpc_spans(&spans, "/llmchain.v1.Rollouts/CreateRollout") > 0
+            && summary_report_traced(&spans);
         async move { complete.then_some(spans) }
     })
     .await
@@ -294,21 +301,33 @@ async fn a_rollout_is_one_trace_from_the_operator_call_to_the_agents_swap() {
     }
 
     // Summary reports: the agent's report span → the coordinator's request → ingestion.
-    let by_id: HashMap<String, &Received> = spans.iter().map(|s| (s.id(), s)).collect();
-    let ingested =
-        spans.iter().filter(|s| s.service == COORDINATOR && s.name() == "ingest_summaries").any(|ingest| {
-            let Some(request) = by_id.get(&ingest.parent()) else { return false };
-            let Some(report) = by_id.get(&request.parent()) else { return false };
-            request.attr("path").as_deref() == Some("/llmchain.v1.Fleet/ReportSummaries")
-                && report.service == AGENT
-                && report.name() == "report_summaries"
-                && ingest.trace() == report.trace()
-                && ingest.attr("agent_id").as_deref() == Some("edge-1")
-        });
-    assert!(ingested, "a summary report is traced from the agent into the coordinator:\n{listing}");
+    assert!(
+        summary_report_traced(&spans),
+        "a summary report is traced from the agent into the coordinator:\n{listing}"
+    );
 
     // Inference batches are traced, each its own trace (they belong to no rollout).
     let batch = spans.iter().find(|s| s.service == AGENT && s.name() == "batch").unwrap();
     assert!(batch.parent().is_empty() && batch.trace() != TRACE_ID, "{listing}");
     assert!(batch.attr("records").is_some_and(|n| n.parse::<u64>().unwrap() > 0), "{listing}");
+}
+
+/// Coordinator request spans of the gRPC method `path`.
+fn grpc_spans(spans: &[Received], path: &str) -> usize {
+    spans.iter().filter(|s| s.service == COORDINATOR && s.attr("path").as_deref() == Some(path)).count()
+}
+
+/// Whether some summary report is traced from the agent's report span through the
+/// coordinator's request span into its ingestion.
+fn summary_report_traced(spans: &[Received]) -> bool {
+    let by_id: HashMap<String, &Received> = spans.iter().map(|s| (s.id(), s)).collect();
+    spans.iter().filter(|s| s.service == COORDINATOR && s.name() == "ingest_summaries").any(|ingest| {
+        let Some(request) = by_id.get(&ingest.parent()) else { return false };
+        let Some(report) = by_id.get(&request.parent()) else { return false };
+        request.attr("path").as_deref() == Some("/llmchain.v1.Fleet/ReportSummaries")
+            && report.service == AGENT
+            && report.name() == "report_summaries"
+            && ingest.trace() == report.trace()
+            && ingest.attr("agent_id").as_deref() == Some("edge-1")
+    })
 }
