@@ -480,9 +480,11 @@ async fn a_revoked_agent_is_refused_everywhere_and_its_open_session_ends() {
             Err(status) => break status,
         }
     };
+    // The message says the revocation ended it, not a lapsed lease; the bound only catches a
+    // revocation that waits for something (it is loose for a loaded 2-core machine).
     assert_eq!(ended.code(), Code::Unauthenticated, "{ended}");
     assert!(ended.message().contains("revoked"), "{ended}");
-    assert!(started.elapsed() < Duration::from_millis(900), "took {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
 
     // Every service refuses the certificate from now on, before looking at the role.
     let outcomes = one_call_per_service(&agent).await;
@@ -513,11 +515,20 @@ async fn each_identity_has_its_own_rate_limit() {
     let c = Coordinator::start(AuthMode::Mtls, limit).await;
     let greedy = c.as_identity("ops", Role::Operator).await;
     let mut client = RegistryClient::new(greedy.clone());
-    for _ in 0..5 {
-        client.list_models(pb::ListModelsRequest {}).await.unwrap();
-    }
-    let err = client.list_models(pb::ListModelsRequest {}).await.unwrap_err();
+    // The burst of 5 passes; then calls are refused, except that a loaded machine may take
+    // long enough between calls for the bucket to refill one per second.
+    let started = std::time::Instant::now();
+    let mut passed = 0;
+    let err = loop {
+        match client.list_models(pb::ListModelsRequest {}).await {
+            Ok(_) => passed += 1,
+            Err(e) => break e,
+        }
+        let refilled = started.elapsed().as_secs_f64().ceil() as usize;
+        assert!(passed <= 5 + refilled, "{passed} calls passed in {:?}", started.elapsed());
+    };
     assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(passed >= 5, "the burst of 5 passed: {passed}");
     // Another identity still has its whole burst.
     let calm = c.as_identity("ops-2", Role::Operator).await;
     RegistryClient::new(calm).list_models(pb::ListModelsRequest {}).await.unwrap();

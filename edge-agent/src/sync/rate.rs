@@ -56,9 +56,11 @@ mod tests {
     #[test]
     fn debt_turns_into_waiting_time() {
         let l = RateLimiter::new(1000);
-        // The burst (100 bytes) passes at once; 1100 more bytes cost about a second.
+        // The burst (100 bytes) passes at once; 1000 more bytes cost a second, less what refilled
+        // between the two calls, which the burst caps at 100 bytes (a tenth of a second) however
+        // long a loaded machine takes between them.
         assert_eq!(l.charge(100), Duration::ZERO);
         let wait = l.charge(1000);
-        assert!((0.95..=1.01).contains(&wait.as_secs_f64()), "{wait:?}");
+        assert!((0.9..=1.0).contains(&wait.as_secs_f64()), "{wait:?}");
     }
 }
