@@ -5,7 +5,7 @@
 //!
 //! `PROPTEST_CASES` raises the case count for a longer fuzzing run.
 
-use crate::gguf_writer::{GgufWriter, sample};
+use crate::gguf_writer::{GgufWriter, sample, value_type};
 use llmchain_model::gguf::{GgmlType, Gguf, Value};
 use proptest::prelude::*;
 
@@ -39,20 +39,7 @@ fn value() -> impl Strategy<Value = Value> {
         inner.prop_flat_map(|template| match template {
             Value::Array(_) => prop::collection::vec(Just(template), 0..3).prop_map(Value::Array).boxed(),
             other => {
-                let ty = match other {
-                    Value::U8(_) => 0,
-                    Value::I8(_) => 1,
-                    Value::U16(_) => 2,
-                    Value::I16(_) => 3,
-                    Value::U32(_) => 4,
-                    Value::I32(_) => 5,
-                    Value::F32(_) => 6,
-                    Value::Bool(_) => 7,
-                    Value::String(_) => 8,
-                    Value::U64(_) => 10,
-                    Value::I64(_) => 11,
-                    _ => 12,
-                };
+                let ty = value_type(&other) as u8;
                 prop::collection::vec(scalar(ty), 1..8).prop_map(Value::Array).boxed()
             }
         })

@@ -47,7 +47,8 @@ pub struct GgufWriter {
     tensors: Vec<(String, GgmlType, Vec<u64>, Vec<u8>)>,
 }
 
-fn value_type(v: &Value) -> u32 {
+/// The GGUF type id of `v`.
+pub fn value_type(v: &Value) -> u32 {
     match v {
         Value::U8(_) => 0,
         Value::I8(_) => 1,
