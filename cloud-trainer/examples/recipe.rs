@@ -38,7 +38,7 @@ fn cached(
     }
     let t0 = Instant::now();
     // The stream entering the two trained blocks (`last-layers:2`, as below).
-    let trunk_end = model.config().num_hidden_layers - 2;
+    let trunk_end = Mode::LastLayers(2).trunk_end(model.config().num_hidden_layers);
     let cache = ActivationCache::build(model, set, trunk_end, answers)?;
     let secs = t0.elapsed().as_secs_f64();
     eprintln!(

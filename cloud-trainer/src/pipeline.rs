@@ -100,10 +100,7 @@ pub fn evaluate_named(
 /// embeddings: evaluations before training keep the stream entering it, and those after
 /// training run only the blocks from it on.
 pub fn frozen_trunk(model: &Llama, mode: Mode) -> Option<usize> {
-    match mode {
-        Mode::LastLayers(n) => Some(model.config().num_hidden_layers.saturating_sub(n)).filter(|&l| l > 0),
-        _ => None,
-    }
+    Some(mode.trunk_end(model.config().num_hidden_layers)).filter(|&l| l > 0)
 }
 
 /// Everything a run reports, written as `report.json`.

@@ -50,6 +50,17 @@ pub enum Mode {
     Full,
 }
 
+impl Mode {
+    /// The first block this mode trains in a model of `layers` blocks: the blocks below it (the
+    /// frozen trunk) are left unchanged. 0 for modes that change every block.
+    pub fn trunk_end(self, layers: usize) -> usize {
+        match self {
+            Mode::LastLayers(n) => layers.saturating_sub(n),
+            Mode::Lora(_) | Mode::Full => 0,
+        }
+    }
+}
+
 impl FromStr for Mode {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -276,7 +287,7 @@ pub fn prepare(model: &mut Llama, mode: Mode, seed: u64, lora_alpha: Option<f64>
             if n > layers {
                 return Err(Error::Invalid(format!("last-layers:{n} of a model with {layers} blocks")));
             }
-            let first = layers - n;
+            let first = mode.trunk_end(layers);
             model.set_trainable(|name| {
                 name == "model.norm.weight"
                     || name
@@ -496,10 +507,7 @@ pub fn train_with(
         return Err(Error::Invalid("batch size and epochs must be at least 1".into()));
     }
     let layers = model.config().num_hidden_layers;
-    let trunk_end = match cfg.mode {
-        Mode::LastLayers(n) => layers.saturating_sub(n),
-        _ => 0,
-    };
+    let trunk_end = cfg.mode.trunk_end(layers);
     let mut slots: Vec<Slot> = model
         .named_tensors()
         .into_iter()
