@@ -152,6 +152,17 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let rw = eval::metrics(&reweighted, &truth, &labels);
     eprintln!("with the held-out prior instead of the training mix: {:.2}%", 100.0 * rw.accuracy);
+    if let Some(steps) = data::rule_steps(&held) {
+        for g in eval::accuracy_by_group(&probs, &truth, &steps) {
+            eprintln!(
+                "  {:<15} {:>4} of {:>4} ({:.1}%)",
+                g.group,
+                g.right,
+                g.examples,
+                100.0 * g.right as f64 / g.examples as f64
+            );
+        }
+    }
     if args.iter().any(|a| a == "--errors") {
         for ((e, p), ex) in held_set.examples.iter().zip(&probs).zip(&held.examples) {
             let said = (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap_or(0);

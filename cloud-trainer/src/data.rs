@@ -202,6 +202,20 @@ pub fn split(n: usize, held_out: usize, seed: u64) -> (Vec<usize>, Vec<usize>) {
     (order, test)
 }
 
+/// For a data set of the task's records (its instructions are the task's and every text is a
+/// record's [`record_text`]), the rule step that decides each example's label
+/// ([`rules::Step::as_str`]), to report accuracy per kind of evidence; `None` for any other
+/// data set.
+pub fn rule_steps(data: &Dataset) -> Option<Vec<String>> {
+    if data.instructions != INSTRUCTIONS {
+        return None;
+    }
+    data.examples
+        .iter()
+        .map(|e| record_from_text(&e.text).map(|r| rules::decide(&r).1.as_str().to_string()))
+        .collect()
+}
+
 /// Reads back the facts the label rules need from a record's preprocessed text
 /// ([`record_text`]) and rebuilds a record that has them: per series the maximum (and, where
 /// the text has them, the first and last samples) and as many dropouts as the text reports;
@@ -318,6 +332,23 @@ mod tests {
             }
         }
         assert_eq!(label_text("not a record"), None);
+    }
+
+    #[test]
+    fn rule_steps_name_the_deciding_step_of_task_records_only() {
+        let records = generate(5, 400, None, false);
+        let task = Dataset::task(task_examples(&records));
+        let steps = rule_steps(&task).expect("task records have steps");
+        let expected: Vec<&str> = records.iter().map(|(r, _)| rules::decide(r).1.as_str()).collect();
+        assert_eq!(steps, expected);
+        for step in rules::Step::ALL {
+            assert!(steps.iter().any(|s| s == step.as_str()), "400 records cover {step:?}");
+        }
+        let plain = Dataset { instructions: "Say yes or no.".into(), ..task.clone() };
+        assert_eq!(rule_steps(&plain), None, "another task's instructions");
+        let mut odd = task;
+        odd.examples[3].text = "not a record".into();
+        assert_eq!(rule_steps(&odd), None, "a text that is not a record");
     }
 
     #[test]

@@ -47,6 +47,23 @@ pub struct EvalReport {
     pub labels: Vec<String>,
     /// Seconds the scoring took.
     pub seconds: f64,
+    /// Accuracy per group of examples (for the task's records, per rule step), when the
+    /// evaluation was given groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub by_group: Vec<GroupAccuracy>,
+}
+
+/// Accuracy on the examples of one group; for the task's records the group is the rule step
+/// that decided the true label (shared/TASK.md), which says what kind of evidence a model
+/// reads badly: a note, or a number against a limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupAccuracy {
+    /// The group's name.
+    pub group: String,
+    /// Its examples decided right.
+    pub right: u64,
+    /// Its examples.
+    pub examples: u64,
 }
 
 /// How an evaluation runs the frozen blocks below a layer.
@@ -137,22 +154,52 @@ pub fn probabilities_with(
 
 /// Evaluates `model` on `data` (see the module docs).
 pub fn evaluate(model: &Llama, data: &TokenSet, labels: &[String]) -> Result<EvalReport> {
-    Ok(evaluate_with(model, data, labels, Trunk::Run)?.0)
+    Ok(evaluate_with(model, data, labels, None, Trunk::Run)?.0)
 }
 
-/// [`evaluate`] with the trunk run, kept or reused as `trunk` says (see [`Trunk`]).
+/// [`evaluate`] with the trunk run, kept or reused as `trunk` says (see [`Trunk`]), and with
+/// the accuracy per group when `groups` names each example's group.
 pub fn evaluate_with(
     model: &Llama,
     data: &TokenSet,
     labels: &[String],
+    groups: Option<&[String]>,
     trunk: Trunk<'_>,
 ) -> Result<(EvalReport, Option<KeptEval>)> {
+    if let Some(g) = groups
+        && g.len() != data.examples.len()
+    {
+        return Err(Error::Invalid(format!("{} groups for {} examples", g.len(), data.examples.len())));
+    }
     let t0 = std::time::Instant::now();
     let (probs, kept) = probabilities_with(model, data, 16, trunk)?;
     let truth: Vec<usize> = data.examples.iter().map(|e| e.label).collect();
     let mut report = metrics(&probs, &truth, labels);
+    if let Some(groups) = groups {
+        report.by_group = accuracy_by_group(&probs, &truth, groups);
+    }
     report.seconds = t0.elapsed().as_secs_f64();
     Ok((report, kept))
+}
+
+/// The accuracy of the examples of each group (`groups[i]` is example `i`'s), groups in the
+/// order they first appear.
+pub fn accuracy_by_group(probs: &[Vec<f64>], truth: &[usize], groups: &[String]) -> Vec<GroupAccuracy> {
+    let mut out: Vec<GroupAccuracy> = Vec::new();
+    for ((p, &t), group) in probs.iter().zip(truth).zip(groups) {
+        let decided =
+            p.iter().enumerate().fold((0, f64::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+        let row = match out.iter().position(|g| &g.group == group) {
+            Some(i) => &mut out[i],
+            None => {
+                out.push(GroupAccuracy { group: group.clone(), right: 0, examples: 0 });
+                out.last_mut().expect("just pushed")
+            }
+        };
+        row.examples += 1;
+        row.right += u64::from(decided == t);
+    }
+    out
 }
 
 /// The metrics of probabilities `probs` against true label indices `truth`.
@@ -205,6 +252,7 @@ pub fn metrics(probs: &[Vec<f64>], truth: &[usize], labels: &[String]) -> EvalRe
         confusion,
         labels: labels.to_vec(),
         seconds: 0.0,
+        by_group: Vec::new(),
     }
 }
 
@@ -242,6 +290,20 @@ impl EvalReport {
             }
             out.push('\n');
         }
+        if !self.by_group.is_empty() {
+            out.push_str("  right by group:");
+            for g in &self.by_group {
+                out.push_str(&format!(
+                    " {} {}/{} ({:.1}%);",
+                    g.group,
+                    g.right,
+                    g.examples,
+                    100.0 * g.right as f64 / g.examples.max(1) as f64
+                ));
+            }
+            out.pop();
+            out.push('\n');
+        }
         out
     }
 
@@ -277,5 +339,20 @@ mod tests {
         let ece = 0.25 * (0.1 + 0.2 + 0.3 + 0.6);
         assert!((r.ece - ece).abs() < 1e-9, "{}", r.ece);
         assert!(r.table("t").contains("accuracy 75.00%"));
+        assert!(!r.table("t").contains("by group"), "no groups, no group line");
+    }
+
+    #[test]
+    fn accuracy_by_group_counts_each_group_in_first_seen_order() {
+        let probs = vec![vec![0.9, 0.1], vec![0.2, 0.8], vec![0.3, 0.7], vec![0.6, 0.4], vec![0.1, 0.9]];
+        let truth = vec![0, 0, 1, 1, 1];
+        let groups: Vec<String> = ["x", "y", "x", "y", "z"].iter().map(|s| s.to_string()).collect();
+        let by = accuracy_by_group(&probs, &truth, &groups);
+        let got: Vec<(&str, u64, u64)> = by.iter().map(|g| (g.group.as_str(), g.right, g.examples)).collect();
+        assert_eq!(got, vec![("x", 2, 2), ("y", 0, 2), ("z", 1, 1)]);
+        let labels = vec!["a".to_string(), "b".to_string()];
+        let mut r = metrics(&probs, &truth, &labels);
+        r.by_group = by;
+        assert!(r.table("t").contains("right by group: x 2/2 (100.0%); y 0/2 (0.0%); z 1/1 (100.0%)\n"));
     }
 }

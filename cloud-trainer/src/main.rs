@@ -526,6 +526,7 @@ async fn train_command(args: TrainArgs) -> anyhow::Result<()> {
         let (_, train_tokens) = pipeline::tokenize(&start.tokenizer, &train_for_blocking)?;
         let (_, eval_tokens) = pipeline::tokenize(&start.tokenizer, &eval_for_blocking)?;
         let labels = &eval_for_blocking.labels;
+        let steps = data::rule_steps(&eval_for_blocking);
         let mut evals = Vec::new();
         // `last-layers` leaves the blocks below its own unchanged: the baseline keeps their
         // output for the held-out set and the evaluation after training starts from it.
@@ -536,6 +537,7 @@ async fn train_command(args: TrainArgs) -> anyhow::Result<()> {
                 &start.model,
                 &eval_tokens,
                 labels,
+                steps.as_deref(),
                 "before",
                 eval::Trunk::keep(frozen),
             )?;
@@ -559,7 +561,14 @@ async fn train_command(args: TrainArgs) -> anyhow::Result<()> {
         train::round_trainable(&start.model, dtype);
         if !skip_eval {
             let trunk = eval::Trunk::reuse(kept.as_ref());
-            let (report, _) = pipeline::evaluate_named(&start.model, &eval_tokens, labels, "after", trunk)?;
+            let (report, _) = pipeline::evaluate_named(
+                &start.model,
+                &eval_tokens,
+                labels,
+                steps.as_deref(),
+                "after",
+                trunk,
+            )?;
             evals.push(("after".to_string(), report));
         }
         let report = RunReport {
@@ -661,6 +670,7 @@ async fn incremental_command(args: IncrementalArgs) -> anyhow::Result<()> {
         let (_, old_tokens) = pipeline::tokenize(&start.tokenizer, &old_eval)?;
         let (_, shifted_tokens) = pipeline::tokenize(&start.tokenizer, &shifted_eval)?;
         let labels = &old_eval.labels;
+        let (old_steps, shifted_steps) = (data::rule_steps(&old_eval), data::rule_steps(&shifted_eval));
         // As in `train`: the running version's evaluations keep the frozen trunk's output, the
         // candidate's start from it.
         let frozen = pipeline::frozen_trunk(&start.model, mode);
@@ -668,6 +678,7 @@ async fn incremental_command(args: IncrementalArgs) -> anyhow::Result<()> {
             &start.model,
             &old_tokens,
             labels,
+            old_steps.as_deref(),
             "old_before",
             eval::Trunk::keep(frozen),
         )?;
@@ -675,6 +686,7 @@ async fn incremental_command(args: IncrementalArgs) -> anyhow::Result<()> {
             &start.model,
             &shifted_tokens,
             labels,
+            shifted_steps.as_deref(),
             "shifted_before",
             eval::Trunk::keep(frozen),
         )?;
@@ -684,11 +696,24 @@ async fn incremental_command(args: IncrementalArgs) -> anyhow::Result<()> {
         let trained = train::train(&start.model, &train_tokens, &cfg)?;
         train::round_trainable(&start.model, dtype);
         let trunk = eval::Trunk::reuse(old_kept.as_ref());
-        let (old_after, _) = pipeline::evaluate_named(&start.model, &old_tokens, labels, "old_after", trunk)?;
+        let (old_after, _) = pipeline::evaluate_named(
+            &start.model,
+            &old_tokens,
+            labels,
+            old_steps.as_deref(),
+            "old_after",
+            trunk,
+        )?;
         evals.push(("old_after".to_string(), old_after));
         let trunk = eval::Trunk::reuse(shifted_kept.as_ref());
-        let (shifted_after, _) =
-            pipeline::evaluate_named(&start.model, &shifted_tokens, labels, "shifted_after", trunk)?;
+        let (shifted_after, _) = pipeline::evaluate_named(
+            &start.model,
+            &shifted_tokens,
+            labels,
+            shifted_steps.as_deref(),
+            "shifted_after",
+            trunk,
+        )?;
         evals.push(("shifted_after".to_string(), shifted_after));
         let report = RunReport {
             mode: mode.to_string(),

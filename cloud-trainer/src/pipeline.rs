@@ -83,15 +83,17 @@ pub fn tokenize(tokenizer: &Tokenizer, data: &Dataset) -> Result<(ClassifierProm
 }
 
 /// Evaluates and logs the text table; with `trunk`, keeps or reuses the frozen trunk's
-/// streams (see [`eval::Trunk`]).
+/// streams (see [`eval::Trunk`]). `groups` (e.g. [`crate::data::rule_steps`]) adds the
+/// accuracy per group.
 pub fn evaluate_named(
     model: &Llama,
     data: &TokenSet,
     labels: &[String],
+    groups: Option<&[String]>,
     title: &str,
     trunk: eval::Trunk<'_>,
 ) -> Result<(EvalReport, Option<KeptEval>)> {
-    let (report, kept) = evaluate_with(model, data, labels, trunk)?;
+    let (report, kept) = evaluate_with(model, data, labels, groups, trunk)?;
     eprint!("{}", report.table(title));
     Ok((report, kept))
 }

@@ -96,6 +96,31 @@ pub enum Step {
     Otherwise,
 }
 
+impl Step {
+    /// Every step, in rule order.
+    pub const ALL: [Step; 6] = [
+        Step::Hazard,
+        Step::Maintenance,
+        Step::ShutdownLimit,
+        Step::ThrottleLimit,
+        Step::Inspect,
+        Step::Otherwise,
+    ];
+
+    /// A short name: `hazard`, `maintenance`, `shutdown-limit`, `throttle-limit`, `inspect`,
+    /// `otherwise`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Hazard => "hazard",
+            Step::Maintenance => "maintenance",
+            Step::ShutdownLimit => "shutdown-limit",
+            Step::ThrottleLimit => "throttle-limit",
+            Step::Inspect => "inspect",
+            Step::Otherwise => "otherwise",
+        }
+    }
+}
+
 /// The label of a record and the step that chose it.
 pub fn decide(r: &Record) -> (Label, Step) {
     let facts = notes::read(&r.note);
