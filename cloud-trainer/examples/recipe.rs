@@ -7,7 +7,8 @@
 //!
 //! Other knobs: `--pool N` / `--held N` (sizes of the cached sets), `--batch`, `--warmup`,
 //! `--wd`, `--clip` (global gradient-norm clip, 0 = off), `--objective candidates|vocab`,
-//! `--mix`, `--errors` (print every misread held-out record), `--cache-only`.
+//! `--mix`, `--notes-kept K` (keep one in K of the note-decided training records), `--errors`
+//! (print every misread held-out record), `--cache-only`.
 
 use std::{path::PathBuf, time::Instant};
 
@@ -73,7 +74,24 @@ fn main() -> anyhow::Result<()> {
     train::round_trainable(&model, SaveDtype::Bf16);
     model.set_trainable(|_| false);
 
-    let train_all = Dataset::task(data::task_examples(&data::generate(1, pool, Some(mix), false)));
+    // `--notes-kept K`: keep only one in K of the records a note decides (hazard, maintenance),
+    // so that more of the pool is decided by numbers (fewer `shutdown` and `normal` records
+    // than the mix asks for, as hazard and maintenance notes decide only those).
+    let notes_kept: usize = arg(&args, "--notes-kept", 1).max(1);
+    let mut seen_notes = 0usize;
+    let records: Vec<_> = data::generate(1, pool * notes_kept, Some(mix), false)
+        .into_iter()
+        .filter(|(r, _)| {
+            use llmchain_task::rules::{Step, decide};
+            if !matches!(decide(r).1, Step::Hazard | Step::Maintenance) {
+                return true;
+            }
+            seen_notes += 1;
+            seen_notes % notes_kept == 1 || notes_kept == 1
+        })
+        .take(pool)
+        .collect();
+    let train_all = Dataset::task(data::task_examples(&records));
     let held = Dataset::task(data::task_examples(&data::generate(2, held_n, None, false)));
     let (_, mut train_set) = pipeline::tokenize(&tokenizer, &train_all)?;
     let (_, held_set) = pipeline::tokenize(&tokenizer, &held)?;
@@ -83,7 +101,16 @@ fn main() -> anyhow::Result<()> {
         train_set.prefix.len(),
         tokens as f64 / pool as f64
     );
-    let train_cache = cached(&model, &train_set, dir.join(format!("train-{pool}.safetensors")), true)?;
+    let train_cache = cached(
+        &model,
+        &train_set,
+        dir.join(if notes_kept == 1 {
+            format!("train-{pool}.safetensors")
+        } else {
+            format!("train-{pool}-notes-kept-{notes_kept}.safetensors")
+        }),
+        true,
+    )?;
     let held_cache = cached(&model, &held_set, dir.join(format!("held-{held_n}.safetensors")), false)?;
     if args.iter().any(|a| a == "--cache-only") {
         return Ok(());
