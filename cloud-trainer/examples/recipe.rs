@@ -180,6 +180,7 @@ fn main() -> anyhow::Result<()> {
     let rw = eval::metrics(&reweighted, &truth, &labels);
     eprintln!("with the held-out prior instead of the training mix: {:.2}%", 100.0 * rw.accuracy);
     if let Some(steps) = data::rule_steps(&held) {
+        eprintln!("held-out right by the rule step that decides the label:");
         for g in eval::accuracy_by_group(&probs, &truth, &steps) {
             eprintln!(
                 "  {:<15} {:>4} of {:>4} ({:.1}%)",

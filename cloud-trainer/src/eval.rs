@@ -187,8 +187,7 @@ pub fn evaluate_with(
 pub fn accuracy_by_group(probs: &[Vec<f64>], truth: &[usize], groups: &[String]) -> Vec<GroupAccuracy> {
     let mut out: Vec<GroupAccuracy> = Vec::new();
     for ((p, &t), group) in probs.iter().zip(truth).zip(groups) {
-        let decided =
-            p.iter().enumerate().fold((0, f64::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+        let decided = decision(p).0;
         let row = match out.iter().position(|g| &g.group == group) {
             Some(i) => &mut out[i],
             None => {
@@ -202,6 +201,12 @@ pub fn accuracy_by_group(probs: &[Vec<f64>], truth: &[usize], groups: &[String])
     out
 }
 
+/// The decided label of one example's probabilities (the first of equal maxima) and its
+/// probability.
+fn decision(p: &[f64]) -> (usize, f64) {
+    p.iter().copied().enumerate().fold((0, f64::MIN), |best, (i, v)| if v > best.1 { (i, v) } else { best })
+}
+
 /// The metrics of probabilities `probs` against true label indices `truth`.
 pub fn metrics(probs: &[Vec<f64>], truth: &[usize], labels: &[String]) -> EvalReport {
     let k = labels.len();
@@ -210,11 +215,7 @@ pub fn metrics(probs: &[Vec<f64>], truth: &[usize], labels: &[String]) -> EvalRe
     let mut bins = [(0u64, 0.0f64, 0.0f64); 10]; // count, correct, confidence sum
     let mut confidence_sum = 0.0;
     for (p, &t) in probs.iter().zip(truth) {
-        let (decided, conf) = p
-            .iter()
-            .copied()
-            .enumerate()
-            .fold((0, f64::MIN), |best, (i, v)| if v > best.1 { (i, v) } else { best });
+        let (decided, conf) = decision(p);
         confusion[t][decided] += 1;
         let bin = ((conf * 10.0) as usize).min(9);
         bins[bin].0 += 1;

@@ -358,6 +358,12 @@ fn evaluating_after_last_layers_training_from_the_kept_trunk_equals_a_full_evalu
     assert_eq!(frozen, Some(1));
     assert_eq!(pipeline::frozen_trunk(&model, Mode::Lora(2)), None);
     assert_eq!(pipeline::frozen_trunk(&model, Mode::LastLayers(2)), None, "nothing below but embeddings");
+    let one = ["x".to_string()];
+    assert!(
+        eval::evaluate_with(&model, &set, &labels, Some(&one[..]), eval::Trunk::Run).is_err(),
+        "one group for {} examples",
+        set.examples.len()
+    );
     let (before, kept) = eval::evaluate_with(&model, &set, &labels, None, eval::Trunk::keep(frozen)).unwrap();
     let kept = kept.expect("streams kept");
     assert!(kept.bytes() > 0);
