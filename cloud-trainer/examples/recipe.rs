@@ -6,6 +6,7 @@
 //! cargo run -p llmchain-cloud-trainer --example recipe -- --train 1000 --epochs 4 --lr 1e-3
 //!
 //! Other knobs: `--pool N` / `--held N` (sizes of the cached sets), `--batch`, `--warmup`,
+//! `--schedule cosine|constant`,
 //! `--wd`, `--clip` (global gradient-norm clip, 0 = off), `--objective candidates|vocab`,
 //! `--mix`, `--notes-kept K` (keep one in K of the note-decided training records), `--errors`
 //! (print every misread held-out record), `--cache-only`.
@@ -126,6 +127,7 @@ fn main() -> anyhow::Result<()> {
         epochs: arg(&args, "--epochs", 4),
         batch_size: arg(&args, "--batch", 8),
         warmup_steps: arg(&args, "--warmup", 20),
+        schedule: arg(&args, "--schedule", train::Schedule::Cosine),
         weight_decay: arg(&args, "--wd", 0.01),
         clip_norm: arg(&args, "--clip", 1.0),
         objective,

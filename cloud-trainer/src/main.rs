@@ -13,7 +13,7 @@ use llmchain_cloud_trainer::{
     pipeline::{self, RunReport},
     publish::{self, Publisher},
     remote,
-    train::{self, CheckpointConfig, Mode, Objective, TrainConfig},
+    train::{self, CheckpointConfig, Mode, Objective, Schedule, TrainConfig},
     version,
 };
 use llmchain_model::{Llama, SaveDtype, device::DeviceReport, gguf::Gguf, tokenizer::Tokenizer};
@@ -180,6 +180,10 @@ struct Common {
     /// cross-entropy over the whole vocabulary).
     #[arg(long, default_value = "candidates", value_parser = |s: &str| s.parse::<Objective>().map_err(|e| e.to_string()))]
     objective: Objective,
+    /// The learning rate after the warm-up: `cosine` (decays to zero at the last step) or
+    /// `constant` (stays at --lr).
+    #[arg(long, default_value = "cosine", value_parser = |s: &str| s.parse::<Schedule>().map_err(|e| e.to_string()))]
+    schedule: Schedule,
     /// Skip evaluating the starting model.
     #[arg(long)]
     skip_baseline: bool,
@@ -419,6 +423,7 @@ fn train_config(c: &Common, mode: Mode) -> TrainConfig {
     cfg.seed = c.seed;
     cfg.activation_cache = !c.no_activation_cache;
     cfg.objective = c.objective;
+    cfg.schedule = c.schedule;
     cfg.stop_after = c.stop_after;
     cfg.checkpoint = (c.checkpoint_every > 0)
         .then(|| CheckpointConfig { dir: c.out.join("checkpoints"), every: c.checkpoint_every });

@@ -111,6 +111,48 @@ impl FromStr for Objective {
     }
 }
 
+/// How the learning rate moves after the linear warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Schedule {
+    /// Cosine decay from the peak to zero at the last step.
+    #[default]
+    Cosine,
+    /// The peak rate until the last step.
+    Constant,
+}
+
+impl Schedule {
+    /// The learning rate of `step` of `total`: linear warm-up to `lr` over `warmup` steps, then
+    /// this schedule.
+    pub fn rate(self, lr: f64, step: usize, warmup: usize, total: usize) -> f64 {
+        match self {
+            Schedule::Cosine => learning_rate(lr, step, warmup, total),
+            Schedule::Constant if step < warmup => lr * (step + 1) as f64 / warmup as f64,
+            Schedule::Constant => lr,
+        }
+    }
+}
+
+impl FromStr for Schedule {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cosine" => Ok(Schedule::Cosine),
+            "constant" => Ok(Schedule::Constant),
+            _ => Err(Error::Invalid(format!("schedule {s:?} is not cosine or constant"))),
+        }
+    }
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Schedule::Cosine => "cosine",
+            Schedule::Constant => "constant",
+        })
+    }
+}
+
 /// One example as token ids: the part after the shared prefix, and its label's index.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenExample {
@@ -186,8 +228,10 @@ pub struct TrainConfig {
     pub epochs: usize,
     /// Examples per step.
     pub batch_size: usize,
-    /// Steps of linear warm-up before the cosine decay.
+    /// Steps of linear warm-up before the schedule.
     pub warmup_steps: usize,
+    /// The learning rate after the warm-up.
+    pub schedule: Schedule,
     /// AdamW decoupled weight decay (matrices only).
     pub weight_decay: f64,
     /// Clip the global gradient norm to this (0: no clipping).
@@ -219,6 +263,7 @@ impl TrainConfig {
             epochs: 2,
             batch_size: 16,
             warmup_steps: 10,
+            schedule: Schedule::Cosine,
             weight_decay: 0.01,
             clip_norm: 1.0,
             seed: 0,
@@ -527,11 +572,12 @@ pub fn train_with(
     let steps_per_epoch = n.div_ceil(cfg.batch_size);
     let total = steps_per_epoch * cfg.epochs;
     let fingerprint = format!(
-        "mode={} n={n} bs={} epochs={} lr={} seed={} tensors={}",
+        "mode={} n={n} bs={} epochs={} lr={} schedule={} seed={} tensors={}",
         cfg.mode,
         cfg.batch_size,
         cfg.epochs,
         cfg.lr,
+        cfg.schedule,
         cfg.seed,
         slots.len()
     );
@@ -609,7 +655,7 @@ pub fn train_with(
         }
         right_seen = (right_seen.0 + right, right_seen.1 + batch.len());
         loss.backward();
-        let lr = learning_rate(cfg.lr, step, cfg.warmup_steps, total);
+        let lr = cfg.schedule.rate(cfg.lr, step, cfg.warmup_steps, total);
         let grad_norm = adamw_step(&mut slots, step + 1, lr, cfg.weight_decay, cfg.clip_norm);
         report.grad_norms.push(grad_norm as f32);
         let value = loss.double_value(&[]) as f32;
@@ -950,6 +996,20 @@ mod tests {
         assert!((learning_rate(1.0, 4, 4, 20) - 1.0).abs() < 1e-12);
         assert!(learning_rate(1.0, 12, 4, 20) < 1.0);
         assert!(learning_rate(1.0, 20, 4, 20).abs() < 1e-12);
+        assert_eq!(Schedule::Cosine.rate(1.0, 12, 4, 20), learning_rate(1.0, 12, 4, 20));
+    }
+
+    #[test]
+    fn constant_schedule_warms_up_then_stays_at_the_peak() {
+        let rate = |step| Schedule::Constant.rate(2.0, step, 4, 20);
+        assert!((rate(0) - 0.5).abs() < 1e-12);
+        assert!((rate(3) - 2.0).abs() < 1e-12);
+        for step in [4, 12, 19, 20] {
+            assert_eq!(rate(step), 2.0, "step {step}");
+        }
+        assert_eq!("constant".parse::<Schedule>().unwrap(), Schedule::Constant);
+        assert_eq!("cosine".parse::<Schedule>().unwrap().to_string(), "cosine");
+        assert!("linear".parse::<Schedule>().is_err());
     }
 
     /// The in-place update against AdamW written out per element, over three steps with
