@@ -6,10 +6,10 @@
 //! cargo run -p llmchain-cloud-trainer --example recipe -- --train 1000 --epochs 4 --lr 1e-3
 //!
 //! Other knobs: `--pool N` / `--held N` (sizes of the cached sets), `--batch`, `--warmup`,
-//! `--schedule cosine|constant`,
-//! `--wd`, `--clip` (global gradient-norm clip, 0 = off), `--objective candidates|vocab`,
-//! `--mix`, `--notes-kept K` (keep one in K of the note-decided training records), `--errors`
-//! (print every misread held-out record), `--cache-only`.
+//! `--schedule cosine|constant`, `--wd`, `--clip` (global gradient-norm clip, 0 = off),
+//! `--objective candidates|vocab`, `--mix`, `--notes-kept K` (keep one in K of the
+//! note-decided training records), `--errors` (print every misread held-out record),
+//! `--cache-only`.
 
 use std::{path::PathBuf, time::Instant};
 
@@ -88,7 +88,7 @@ fn main() -> anyhow::Result<()> {
                 return true;
             }
             seen_notes += 1;
-            seen_notes % notes_kept == 1 || notes_kept == 1
+            (seen_notes - 1).is_multiple_of(notes_kept)
         })
         .take(pool)
         .collect();
@@ -167,7 +167,11 @@ fn main() -> anyhow::Result<()> {
         norms.len(),
         cfg.clip_norm
     );
-    let (r, probs) = last.expect("at least one epoch");
+    let (mut r, probs) = last.expect("at least one epoch");
+    // Right per rule step that decides the label, as the trainer's evaluations report it.
+    if let Some(steps) = data::rule_steps(&held) {
+        r.by_group = eval::accuracy_by_group(&probs, &truth, &steps);
+    }
     eprint!("{}", r.table("held-out"));
     // How much of the error is the training mix's prior: the same probabilities reweighted by
     // (held-out generator's default mix / training mix), per label.
@@ -181,18 +185,6 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let rw = eval::metrics(&reweighted, &truth, &labels);
     eprintln!("with the held-out prior instead of the training mix: {:.2}%", 100.0 * rw.accuracy);
-    if let Some(steps) = data::rule_steps(&held) {
-        eprintln!("held-out right by the rule step that decides the label:");
-        for g in eval::accuracy_by_group(&probs, &truth, &steps) {
-            eprintln!(
-                "  {:<15} {:>4} of {:>4} ({:.1}%)",
-                g.group,
-                g.right,
-                g.examples,
-                100.0 * g.right as f64 / g.examples as f64
-            );
-        }
-    }
     if args.iter().any(|a| a == "--errors") {
         for ((e, p), ex) in held_set.examples.iter().zip(&probs).zip(&held.examples) {
             let said = (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap_or(0);

@@ -125,9 +125,15 @@ impl Schedule {
     /// The learning rate of `step` of `total`: linear warm-up to `lr` over `warmup` steps, then
     /// this schedule.
     pub fn rate(self, lr: f64, step: usize, warmup: usize, total: usize) -> f64 {
+        if step < warmup {
+            return lr * (step + 1) as f64 / warmup as f64;
+        }
         match self {
-            Schedule::Cosine => learning_rate(lr, step, warmup, total),
-            Schedule::Constant if step < warmup => lr * (step + 1) as f64 / warmup as f64,
+            Schedule::Cosine => {
+                let span = total.saturating_sub(warmup).max(1);
+                let progress = ((step - warmup) as f64 / span as f64).min(1.0);
+                lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
             Schedule::Constant => lr,
         }
     }
@@ -388,16 +394,6 @@ pub fn shuffle<T>(items: &mut [T], seed: u64) {
         let j = (next() % (i as u64 + 1)) as usize;
         items.swap(i, j);
     }
-}
-
-/// The learning rate of `step`: linear warm-up to `lr`, then cosine decay to zero at `total`.
-pub fn learning_rate(lr: f64, step: usize, warmup: usize, total: usize) -> f64 {
-    if step < warmup {
-        return lr * (step + 1) as f64 / warmup as f64;
-    }
-    let span = total.saturating_sub(warmup).max(1);
-    let progress = ((step - warmup) as f64 / span as f64).min(1.0);
-    lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
 /// The frozen trunk's output for every example: the residual stream entering the first trained
@@ -991,12 +987,12 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays_to_zero() {
-        assert!((learning_rate(1.0, 0, 4, 20) - 0.25).abs() < 1e-12);
-        assert!((learning_rate(1.0, 3, 4, 20) - 1.0).abs() < 1e-12);
-        assert!((learning_rate(1.0, 4, 4, 20) - 1.0).abs() < 1e-12);
-        assert!(learning_rate(1.0, 12, 4, 20) < 1.0);
-        assert!(learning_rate(1.0, 20, 4, 20).abs() < 1e-12);
-        assert_eq!(Schedule::Cosine.rate(1.0, 12, 4, 20), learning_rate(1.0, 12, 4, 20));
+        let learning_rate = |step| Schedule::Cosine.rate(1.0, step, 4, 20);
+        assert!((learning_rate(0) - 0.25).abs() < 1e-12);
+        assert!((learning_rate(3) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(4) - 1.0).abs() < 1e-12);
+        assert!(learning_rate(12) < 1.0);
+        assert!(learning_rate(20).abs() < 1e-12);
     }
 
     #[test]
