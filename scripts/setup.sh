@@ -28,6 +28,9 @@ need_apt=()
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || need_apt+=(mosquitto)
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/timestamp.proto) are only a recommendation of
+# protobuf-compiler, which --no-install-recommends leaves out.
+[[ -f /usr/include/google/protobuf/timestamp.proto ]] || need_apt+=(libprotobuf-dev)
 # Release packaging (scripts/release.sh rewrites the rpath) and the systemd unit check.
 command -v patchelf >/dev/null 2>&1 || need_apt+=(patchelf)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
