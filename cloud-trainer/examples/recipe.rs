@@ -7,9 +7,11 @@
 //!
 //! Other knobs: `--pool N` / `--held N` (sizes of the cached sets), `--batch`, `--warmup`,
 //! `--schedule cosine|constant`, `--wd`, `--clip` (global gradient-norm clip, 0 = off),
-//! `--objective candidates|vocab`, `--mix`, `--notes-kept K` (keep one in K of the
-//! note-decided training records), `--errors` (print every misread held-out record),
-//! `--cache-only`.
+//! `--objective candidates|vocab`, `--mix`, `--layers N` (train the last N blocks, default 2),
+//! `--notes-kept K` (keep one in K of the note-decided training records), `--note-first` (the
+//! note line before the readings), `--twins` (each limit-decided training record followed by
+//! its twin under the limits), `--errors` (print every misread held-out record),
+//! `--cache-only`. Each variant keeps its own cache files; docs/training.md has the figures.
 
 use std::{path::PathBuf, time::Instant};
 
@@ -34,13 +36,14 @@ fn cached(
     set: &train::TokenSet,
     path: PathBuf,
     answers: bool,
+    mode: Mode,
 ) -> anyhow::Result<ActivationCache> {
     if path.exists() {
         return Ok(ActivationCache::load(&path, model.device())?);
     }
     let t0 = Instant::now();
-    // The stream entering the two trained blocks (`last-layers:2`, as below).
-    let trunk_end = Mode::LastLayers(2).trunk_end(model.config().num_hidden_layers);
+    // The stream entering the trained blocks.
+    let trunk_end = mode.trunk_end(model.config().num_hidden_layers);
     let cache = ActivationCache::build(model, set, trunk_end, answers)?;
     let secs = t0.elapsed().as_secs_f64();
     eprintln!(
@@ -50,6 +53,48 @@ fn cached(
     );
     cache.save(&path)?;
     Ok(cache)
+}
+
+/// `r` with the readings that make its limit step match moved under the limits (by 1–20%).
+fn twin(r: &llmchain_task::Record, k: usize) -> Option<llmchain_task::Record> {
+    use llmchain_task::rules::{Step, decide};
+    let under = [0.01, 0.03, 0.08, 0.2][k % 4];
+    let cap = |s: &mut [Option<f64>], limit: f64| {
+        for v in s.iter_mut().flatten() {
+            if *v >= limit {
+                *v = ((limit * (1.0 - under)) * 10.0).floor() / 10.0;
+            }
+        }
+    };
+    let mut t = r.clone();
+    let rated = t.rated_current_a;
+    match decide(r).1 {
+        Step::ShutdownLimit => {
+            cap(&mut t.temp_c, 95.0);
+            cap(&mut t.vibration_mm_s, 11.2);
+            cap(&mut t.current_a, 1.5 * rated);
+        }
+        Step::ThrottleLimit => {
+            cap(&mut t.temp_c, 80.0);
+            cap(&mut t.current_a, 1.2 * rated);
+            if let Some(p) = t.pressure_bar.as_mut() {
+                cap(p, 9.0);
+            }
+        }
+        Step::Inspect => {
+            cap(&mut t.vibration_mm_s, 4.5);
+            if let Some(p) = t.pressure_bar.as_mut() {
+                let first = p.iter().flatten().next().copied();
+                if let (Some(first), Some(last)) = (first, p.iter_mut().flatten().last())
+                    && first - *last >= 1.5
+                {
+                    *last = ((first - 1.5 * (1.0 - under)) * 10.0).ceil() / 10.0;
+                }
+            }
+        }
+        _ => return None,
+    }
+    (t != *r).then_some(t)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,6 +111,14 @@ fn main() -> anyhow::Result<()> {
         "normal=0.25,inspect=0.25,throttle=0.25,shutdown=0.25".to_string(),
     ))?;
     std::fs::create_dir_all(&dir)?;
+    // `--layers N`: train the last N blocks (the cache then holds the stream entering them).
+    let mode = Mode::LastLayers(arg(&args, "--layers", 2));
+    // Cache files of a variant carry its name: `train-1200-last-layers-6-twins.safetensors`.
+    let mut variant = match mode {
+        Mode::LastLayers(2) => String::new(),
+        _ => format!("-{mode}").replace(':', "-"),
+    };
+    let twins = args.iter().any(|a| a == "--twins");
 
     let file = Gguf::open(&gguf).context("gguf")?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
@@ -92,10 +145,55 @@ fn main() -> anyhow::Result<()> {
         })
         .take(pool)
         .collect();
+    // `--twins`: every record a limit decides is followed by its twin, the same record with
+    // the deciding readings moved just under their limits (labels recomputed by the rules), so
+    // that the numbers, and nothing else, tell a pair apart (an experiment on the data).
+    let records: Vec<_> = if twins {
+        records
+            .iter()
+            .enumerate()
+            .flat_map(|(k, (r, l))| {
+                let mut out = vec![(r.clone(), *l)];
+                if let Some(t) = twin(r, k) {
+                    let label = llmchain_task::rules::label(&t);
+                    out.push((t, label));
+                }
+                out
+            })
+            .take(pool)
+            .collect()
+    } else {
+        records
+    };
     let train_all = Dataset::task(data::task_examples(&records));
     let held = Dataset::task(data::task_examples(&data::generate(2, held_n, None, false)));
-    let (_, mut train_set) = pipeline::tokenize(&tokenizer, &train_all)?;
-    let (_, held_set) = pipeline::tokenize(&tokenizer, &held)?;
+    // `--note-first`: the note line right after the machine line, so the numbers end the text
+    // at nearly fixed distances from the answer position (an experiment on the record layout).
+    let note_first = args.iter().any(|a| a == "--note-first");
+    let layout = |set: &Dataset| {
+        let mut set = set.clone();
+        if note_first {
+            for e in &mut set.examples {
+                let mut lines: Vec<&str> = e.text.lines().collect();
+                if let Some(i) = lines.iter().position(|l| l.starts_with("note: ")) {
+                    let note = lines.remove(i);
+                    lines.insert(1, note);
+                }
+                e.text = lines.join("\n");
+            }
+        }
+        set
+    };
+    if note_first {
+        variant.push_str("-note-first");
+    }
+    // The held-out records are the same with or without twins.
+    let held_variant = variant.clone();
+    if twins {
+        variant.push_str("-twins");
+    }
+    let (_, mut train_set) = pipeline::tokenize(&tokenizer, &layout(&train_all))?;
+    let (_, held_set) = pipeline::tokenize(&tokenizer, &layout(&held))?;
     let tokens: usize = train_set.examples.iter().map(|e| e.ids.len()).sum();
     eprintln!(
         "prefix {} tokens, records {:.1} tokens on average",
@@ -106,13 +204,15 @@ fn main() -> anyhow::Result<()> {
         &model,
         &train_set,
         dir.join(if notes_kept == 1 {
-            format!("train-{pool}.safetensors")
+            format!("train-{pool}{variant}.safetensors")
         } else {
-            format!("train-{pool}-notes-kept-{notes_kept}.safetensors")
+            format!("train-{pool}-notes-kept-{notes_kept}{variant}.safetensors")
         }),
         true,
+        mode,
     )?;
-    let held_cache = cached(&model, &held_set, dir.join(format!("held-{held_n}.safetensors")), false)?;
+    let held_cache =
+        cached(&model, &held_set, dir.join(format!("held-{held_n}{held_variant}.safetensors")), false, mode)?;
     if args.iter().any(|a| a == "--cache-only") {
         return Ok(());
     }
@@ -120,7 +220,6 @@ fn main() -> anyhow::Result<()> {
     train_set.examples.truncate(n);
     let train_cache = train_cache.truncated(n);
 
-    let mode = Mode::LastLayers(2);
     train::prepare(&mut model, mode, 0, None)?;
     let cfg = TrainConfig {
         lr: arg(&args, "--lr", 1e-3),
