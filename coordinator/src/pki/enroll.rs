@@ -5,7 +5,10 @@
 //! and the expiry, so a copy of the store enrolls nobody. `Enroll` reads the record, checks the
 //! expiry, the name and the CSR, then deletes the record in a transaction that holds only if
 //! the record is unchanged since it was read: of two concurrent enrollments with one token,
-//! exactly one wins, and a used token is gone.
+//! exactly one wins, and a used token is gone. A token that is never redeemed does not stay
+//! either: its record is attached to a store lease that ends a grace period after the token
+//! expires (as long again as its lifetime, at most an hour), so the store deletes it by
+//! itself, on etcd as on the embedded store; until then, presenting it is answered "expired".
 //!
 //! Refusals: an unknown, used or expired token is `UNAUTHENTICATED`; a token made for another
 //! name is `PERMISSION_DENIED`; a malformed name or CSR is `INVALID_ARGUMENT` (and leaves the
@@ -34,6 +37,8 @@ pub const TOKENS_PREFIX: &str = "security/tokens/";
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 /// Longest lifetime of a token.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest time a token's record outlives the token (see the module docs).
+const MAX_RECORD_GRACE: Duration = Duration::from_secs(3600);
 /// Largest CSR accepted.
 const MAX_CSR_BYTES: usize = 16 << 10;
 
@@ -125,9 +130,11 @@ impl Enrollment {
         let record = TokenRecord { role: role.as_str().into(), name, expires_unix_ms: unix_ms(expires) };
         let value = serde_json::to_vec(&record).map_err(|e| Error::Store(format!("token record: {e}")))?;
         let key = token_key(&token);
-        let done =
-            self.store.txn(Txn::new().when([Compare::absent(&key)]).and_then([Op::put(&key, value)])).await?;
+        let lease = self.store.grant_lease(ttl + ttl.min(MAX_RECORD_GRACE)).await?;
+        let put = Op::put_with_lease(&key, value, lease);
+        let done = self.store.txn(Txn::new().when([Compare::absent(&key)]).and_then([put])).await?;
         if !done.succeeded {
+            let _ = self.store.revoke_lease(lease).await;
             // 256 random bits collided: never in practice, but never overwrite either.
             return Err(ApiError::Internal("token collision".into()).into());
         }
@@ -193,6 +200,10 @@ impl Enrollment {
         if !used.succeeded {
             return Err(refused());
         }
+        // The lease only held this record; ending it now saves the store a timer.
+        if let Some(lease) = kv.lease {
+            let _ = self.store.revoke_lease(lease).await;
+        }
         tracing::info!(%identity, "enrolled");
         Ok(Issued {
             identity,
@@ -253,6 +264,34 @@ mod tests {
         assert!(store.list(TOKENS_PREFIX).await.unwrap().kvs.is_empty());
         let too_long = e.create_token(Role::Agent, None, MAX_TOKEN_TTL * 2).await.unwrap_err();
         assert!(matches!(ApiError::from(too_long), ApiError::InvalidArgument { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_token_never_redeemed_is_deleted_by_the_store_after_its_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, store) = enrollment(dir.path()).await;
+        let (kept, _) = e.create_token(Role::Agent, None, Duration::ZERO).await.unwrap();
+        e.create_token(Role::Agent, None, Duration::from_millis(200)).await.unwrap();
+        let stored = store.list(TOKENS_PREFIX).await.unwrap().kvs;
+        assert_eq!(stored.len(), 2);
+        assert!(stored.iter().all(|kv| kv.lease.is_some()), "{stored:?}");
+        // 200 ms of life and 200 ms of grace, then the store's lease expiry removes the record;
+        // the one-hour token stays.
+        let t0 = std::time::Instant::now();
+        let left = loop {
+            let left: Vec<String> =
+                store.list(TOKENS_PREFIX).await.unwrap().kvs.into_iter().map(|kv| kv.key).collect();
+            if left.len() == 1 || t0.elapsed() > Duration::from_secs(10) {
+                break left;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(t0.elapsed() >= Duration::from_millis(350), "gone after {:?}", t0.elapsed());
+        assert_eq!(left, vec![token_key(&kept)]);
+        // Redeeming revokes the lease of the used record.
+        let lease = store.get(&token_key(&kept)).await.unwrap().unwrap().lease.unwrap();
+        e.enroll(&kept, "edge-9", &csr()).await.unwrap();
+        assert!(store.keep_alive(lease).await.is_err());
     }
 
     #[tokio::test]
