@@ -27,10 +27,17 @@ stamp_set() { printf '%s' "$2" >"$cache/$1.stamp"; }
 need_apt=()
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || need_apt+=(mosquitto)
-command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
-# protoc's well-known types (google/protobuf/timestamp.proto) are only a recommendation of
-# protobuf-compiler, which --no-install-recommends leaves out.
-[[ -f /usr/include/google/protobuf/timestamp.proto ]] || need_apt+=(libprotobuf-dev)
+# proto/ imports protoc's well-known types (google/protobuf/timestamp.proto). Debian ships them
+# in libprotobuf-dev, only a recommendation of protobuf-compiler, which --no-install-recommends
+# leaves out; an installed protoc is asked whether it resolves the import, wherever it lives.
+if command -v protoc >/dev/null 2>&1; then
+  probe="$(mktemp -d)"
+  printf 'syntax = "proto3";\nimport "google/protobuf/timestamp.proto";\n' >"$probe/probe.proto"
+  protoc -I "$probe" --descriptor_set_out=/dev/null "$probe/probe.proto" 2>/dev/null || need_apt+=(libprotobuf-dev)
+  rm -rf "$probe"
+else
+  need_apt+=(protobuf-compiler libprotobuf-dev)
+fi
 # Release packaging (scripts/release.sh rewrites the rpath) and the systemd unit check.
 command -v patchelf >/dev/null 2>&1 || need_apt+=(patchelf)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
