@@ -57,7 +57,10 @@ fn cached(
 
 /// `r` with the readings that make its limit step match moved under the limits (by 1–20%).
 fn twin(r: &llmchain_task::Record, k: usize) -> Option<llmchain_task::Record> {
-    use llmchain_task::rules::{Step, decide};
+    use llmchain_task::rules::{
+        INSPECT_PRESSURE_DROP_BAR, INSPECT_VIBRATION, SHUTDOWN_CURRENT_RATIO, SHUTDOWN_TEMP_C,
+        SHUTDOWN_VIBRATION, Step, THROTTLE_CURRENT_RATIO, THROTTLE_PRESSURE_BAR, THROTTLE_TEMP_C, decide,
+    };
     let under = [0.01, 0.03, 0.08, 0.2][k % 4];
     let cap = |s: &mut [Option<f64>], limit: f64| {
         for v in s.iter_mut().flatten() {
@@ -70,25 +73,25 @@ fn twin(r: &llmchain_task::Record, k: usize) -> Option<llmchain_task::Record> {
     let rated = t.rated_current_a;
     match decide(r).1 {
         Step::ShutdownLimit => {
-            cap(&mut t.temp_c, 95.0);
-            cap(&mut t.vibration_mm_s, 11.2);
-            cap(&mut t.current_a, 1.5 * rated);
+            cap(&mut t.temp_c, SHUTDOWN_TEMP_C);
+            cap(&mut t.vibration_mm_s, SHUTDOWN_VIBRATION);
+            cap(&mut t.current_a, SHUTDOWN_CURRENT_RATIO * rated);
         }
         Step::ThrottleLimit => {
-            cap(&mut t.temp_c, 80.0);
-            cap(&mut t.current_a, 1.2 * rated);
+            cap(&mut t.temp_c, THROTTLE_TEMP_C);
+            cap(&mut t.current_a, THROTTLE_CURRENT_RATIO * rated);
             if let Some(p) = t.pressure_bar.as_mut() {
-                cap(p, 9.0);
+                cap(p, THROTTLE_PRESSURE_BAR);
             }
         }
         Step::Inspect => {
-            cap(&mut t.vibration_mm_s, 4.5);
+            cap(&mut t.vibration_mm_s, INSPECT_VIBRATION);
             if let Some(p) = t.pressure_bar.as_mut() {
                 let first = p.iter().flatten().next().copied();
                 if let (Some(first), Some(last)) = (first, p.iter_mut().flatten().last())
-                    && first - *last >= 1.5
+                    && first - *last >= INSPECT_PRESSURE_DROP_BAR
                 {
-                    *last = ((first - 1.5 * (1.0 - under)) * 10.0).ceil() / 10.0;
+                    *last = ((first - INSPECT_PRESSURE_DROP_BAR * (1.0 - under)) * 10.0).ceil() / 10.0;
                 }
             }
         }
@@ -114,6 +117,8 @@ fn main() -> anyhow::Result<()> {
     // `--layers N`: train the last N blocks (the cache then holds the stream entering them).
     let mode = Mode::LastLayers(arg(&args, "--layers", 2));
     // Cache files of a variant carry its name: `train-1200-last-layers-6-twins.safetensors`.
+    // `variant` changes what both sets' caches hold; `--notes-kept` and `--twins` only the
+    // training records.
     let mut variant = match mode {
         Mode::LastLayers(2) => String::new(),
         _ => format!("-{mode}").replace(':', "-"),
@@ -187,11 +192,6 @@ fn main() -> anyhow::Result<()> {
     if note_first {
         variant.push_str("-note-first");
     }
-    // The held-out records are the same with or without twins.
-    let held_variant = variant.clone();
-    if twins {
-        variant.push_str("-twins");
-    }
     let (_, mut train_set) = pipeline::tokenize(&tokenizer, &layout(&train_all))?;
     let (_, held_set) = pipeline::tokenize(&tokenizer, &layout(&held))?;
     let tokens: usize = train_set.examples.iter().map(|e| e.ids.len()).sum();
@@ -203,16 +203,16 @@ fn main() -> anyhow::Result<()> {
     let train_cache = cached(
         &model,
         &train_set,
-        dir.join(if notes_kept == 1 {
-            format!("train-{pool}{variant}.safetensors")
-        } else {
-            format!("train-{pool}-notes-kept-{notes_kept}{variant}.safetensors")
-        }),
+        dir.join(format!(
+            "train-{pool}{}{variant}{}.safetensors",
+            if notes_kept == 1 { String::new() } else { format!("-notes-kept-{notes_kept}") },
+            if twins { "-twins" } else { "" }
+        )),
         true,
         mode,
     )?;
     let held_cache =
-        cached(&model, &held_set, dir.join(format!("held-{held_n}{held_variant}.safetensors")), false, mode)?;
+        cached(&model, &held_set, dir.join(format!("held-{held_n}{variant}.safetensors")), false, mode)?;
     if args.iter().any(|a| a == "--cache-only") {
         return Ok(());
     }
