@@ -10,8 +10,11 @@
 //! `--objective candidates|vocab`, `--mix`, `--layers N` (train the last N blocks, default 2),
 //! `--notes-kept K` (keep one in K of the note-decided training records), `--note-first` (the
 //! note line before the readings), `--twins` (each limit-decided training record followed by
-//! its twin under the limits), `--errors` (print every misread held-out record),
-//! `--cache-only`. Each variant keeps its own cache files; docs/training.md has the figures.
+//! its twin under the limits), `--limits-after` (the numeric limits restated after every
+//! record), `--errors` (print every misread held-out record), `--cache-only`, `--dump FILE`
+//! (both sets' token ids, labels, rule steps and texts as JSON, for
+//! `scripts/reference/last_layers.py`).
+//! Each variant keeps its own cache files; docs/training.md has the figures.
 
 use std::{path::PathBuf, time::Instant};
 
@@ -175,8 +178,23 @@ fn main() -> anyhow::Result<()> {
     // `--note-first`: the note line right after the machine line, so the numbers end the text
     // at nearly fixed distances from the answer position (an experiment on the record layout).
     let note_first = args.iter().any(|a| a == "--note-first");
+    // `--limits-after`: the numeric limits restated after every record (an experiment on what
+    // the frozen trunk gathers at the answer position; 228 tokens per record instead of 142.5).
+    let limits_after = args.iter().any(|a| a == "--limits-after");
+    if limits_after {
+        variant.push_str("-limits-after");
+    }
     let layout = |set: &Dataset| {
         let mut set = set.clone();
+        if limits_after {
+            for e in &mut set.examples {
+                e.text.push_str(
+                    "\nLimits: temperature max 95 C, vibration max 11.2 mm/s or current 150% of rated: shutdown; \
+                     temperature change +8.0 C with max 80 C, current 120% of rated or pressure max 9.0 bar: \
+                     throttle; vibration max 4.5 mm/s or pressure change -1.5 bar: inspect.",
+                );
+            }
+        }
         if note_first {
             for e in &mut set.examples {
                 let mut lines: Vec<&str> = e.text.lines().collect();
@@ -200,6 +218,29 @@ fn main() -> anyhow::Result<()> {
         train_set.prefix.len(),
         tokens as f64 / pool as f64
     );
+    // `--dump FILE`: the token ids, labels, rule steps and texts of both sets as JSON, so
+    // that another implementation can train on the same cache files.
+    if let Some(i) = args.iter().position(|a| a == "--dump") {
+        let set_json = |set: &train::TokenSet, data: &Dataset| {
+            let steps = data::rule_steps(data).unwrap_or_default();
+            serde_json::Value::Array(
+                set.examples
+                    .iter()
+                    .zip(&data.examples)
+                    .enumerate()
+                    .map(|(k, (e, d))| {
+                        serde_json::json!({"ids": e.ids, "label": e.label, "text": d.text,
+                            "step": steps.get(k)})
+                    })
+                    .collect(),
+            )
+        };
+        let out = serde_json::json!({
+            "prefix": train_set.prefix, "candidates": train_set.candidates, "labels": held.labels,
+            "train": set_json(&train_set, &layout(&train_all)), "held": set_json(&held_set, &layout(&held)),
+        });
+        std::fs::write(args.get(i + 1).context("--dump FILE")?, out.to_string())?;
+    }
     let train_cache = cached(
         &model,
         &train_set,
