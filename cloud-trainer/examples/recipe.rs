@@ -181,6 +181,18 @@ fn main() -> anyhow::Result<()> {
     // `--limits-after`: the numeric limits restated after every record (an experiment on what
     // the frozen trunk gathers at the answer position; 228 tokens per record instead of 142.5).
     let limits_after = args.iter().any(|a| a == "--limits-after");
+    let limits = {
+        use llmchain_task::rules::*;
+        format!(
+            "\nLimits: temperature max {SHUTDOWN_TEMP_C} C, vibration max {SHUTDOWN_VIBRATION} mm/s or current \
+             {:.0}% of rated: shutdown; temperature change {THROTTLE_TEMP_RISE_C:+.1} C with max {THROTTLE_TEMP_C} C, \
+             current {:.0}% of rated or pressure max {THROTTLE_PRESSURE_BAR:.1} bar: throttle; vibration max \
+             {INSPECT_VIBRATION} mm/s or pressure change {:.1} bar: inspect.",
+            100.0 * SHUTDOWN_CURRENT_RATIO,
+            100.0 * THROTTLE_CURRENT_RATIO,
+            -INSPECT_PRESSURE_DROP_BAR,
+        )
+    };
     if limits_after {
         variant.push_str("-limits-after");
     }
@@ -188,11 +200,7 @@ fn main() -> anyhow::Result<()> {
         let mut set = set.clone();
         if limits_after {
             for e in &mut set.examples {
-                e.text.push_str(
-                    "\nLimits: temperature max 95 C, vibration max 11.2 mm/s or current 150% of rated: shutdown; \
-                     temperature change +8.0 C with max 80 C, current 120% of rated or pressure max 9.0 bar: \
-                     throttle; vibration max 4.5 mm/s or pressure change -1.5 bar: inspect.",
-                );
+                e.text.push_str(&limits);
             }
         }
         if note_first {
@@ -210,8 +218,9 @@ fn main() -> anyhow::Result<()> {
     if note_first {
         variant.push_str("-note-first");
     }
-    let (_, mut train_set) = pipeline::tokenize(&tokenizer, &layout(&train_all))?;
-    let (_, held_set) = pipeline::tokenize(&tokenizer, &layout(&held))?;
+    let (train_text, held_text) = (layout(&train_all), layout(&held));
+    let (_, mut train_set) = pipeline::tokenize(&tokenizer, &train_text)?;
+    let (_, held_set) = pipeline::tokenize(&tokenizer, &held_text)?;
     let tokens: usize = train_set.examples.iter().map(|e| e.ids.len()).sum();
     eprintln!(
         "prefix {} tokens, records {:.1} tokens on average",
@@ -221,12 +230,13 @@ fn main() -> anyhow::Result<()> {
     // `--dump FILE`: the token ids, labels, rule steps and texts of both sets as JSON, so
     // that another implementation can train on the same cache files.
     if let Some(i) = args.iter().position(|a| a == "--dump") {
-        let set_json = |set: &train::TokenSet, data: &Dataset| {
-            let steps = data::rule_steps(data).unwrap_or_default();
+        // The rule step is the record's (read from its own text), the text what the model read.
+        let set_json = |set: &train::TokenSet, records: &Dataset, text: &Dataset| {
+            let steps = data::rule_steps(records).unwrap_or_default();
             serde_json::Value::Array(
                 set.examples
                     .iter()
-                    .zip(&data.examples)
+                    .zip(&text.examples)
                     .enumerate()
                     .map(|(k, (e, d))| {
                         serde_json::json!({"ids": e.ids, "label": e.label, "text": d.text,
@@ -237,7 +247,7 @@ fn main() -> anyhow::Result<()> {
         };
         let out = serde_json::json!({
             "prefix": train_set.prefix, "candidates": train_set.candidates, "labels": held.labels,
-            "train": set_json(&train_set, &layout(&train_all)), "held": set_json(&held_set, &layout(&held)),
+            "train": set_json(&train_set, &train_all, &train_text), "held": set_json(&held_set, &held, &held_text),
         });
         std::fs::write(args.get(i + 1).context("--dump FILE")?, out.to_string())?;
     }

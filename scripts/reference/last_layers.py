@@ -42,6 +42,9 @@ import random
 import re
 import time
 
+import torch
+import torch.nn.functional as F
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN, EPS, THETA = 9, 3, 64, 576, 1e-5, 100000.0
 BLOCKS = (28, 29)
@@ -57,7 +60,6 @@ def rows(path: str, n: int):
 
 
 def hf_model(gguf: str):
-    import torch
     from transformers import AutoModelForCausalLM
     directory, name = os.path.split(os.path.realpath(gguf))
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
@@ -75,24 +77,20 @@ class TopBlocks:
         self.p = {f"{l}.{n}": sd[f"model.layers.{l}.{n}"].clone().requires_grad_(True) for l in BLOCKS for n in PARAMS}
         self.p["norm"] = sd["model.norm.weight"].clone().requires_grad_(True)
         self.head = sd["model.embed_tokens.weight"][first_tokens].clone()  # tied: the labels' first tokens
-        import torch
         self.inv_freq = 1.0 / THETA ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)
 
     def rope(self, start, end):
-        import torch
         f = torch.arange(start, end).float()[:, None] * self.inv_freq[None]
         e = torch.cat([f, f], -1)
         return e.cos(), e.sin()
 
     @staticmethod
     def rotate(x, cos, sin):
-        import torch
         half = HEAD_DIM // 2
         return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
     @staticmethod
     def rms(x, w):
-        import torch
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * w
 
     def qkv(self, l, h, cos, sin):
@@ -104,7 +102,6 @@ class TopBlocks:
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin), v
 
     def mlp(self, l, x):
-        import torch.nn.functional as F
         p = self.p
         h = self.rms(x, p[f"{l}.post_attention_layernorm.weight"])
         inner = F.silu(h @ p[f"{l}.mlp.gate_proj.weight"].T) * (h @ p[f"{l}.mlp.up_proj.weight"].T)
@@ -112,8 +109,6 @@ class TopBlocks:
 
     def forward(self, prefix, x):
         """`prefix` [1, P, hidden] (shared), `x` [B, T, hidden] right-padded rows → rows after block 29."""
-        import torch
-        import torch.nn.functional as F
         n, (b, t, _) = prefix.shape[1], x.shape
         pcos, psin = self.rope(0, n)
         cos, sin = self.rope(n, n + t)
@@ -134,7 +129,6 @@ class TopBlocks:
 
     def label_logits(self, prefix, cached, examples, idx):
         """The four labels' first-token logits at the answer position of examples `idx`."""
-        import torch
         t = max(cached[i].shape[0] for i in idx)
         x = torch.zeros(len(idx), t, HIDDEN)
         for b, i in enumerate(idx):
@@ -144,7 +138,6 @@ class TopBlocks:
         return self.rms(y[torch.arange(len(idx)), at], self.p["norm"]) @ self.head.T
 
     def accuracy(self, prefix, cached, examples):
-        import torch
         right = 0
         with torch.no_grad():
             order = sorted(range(len(cached)), key=lambda i: cached[i].shape[0])
@@ -156,8 +149,6 @@ class TopBlocks:
 
 
 def train(args, dump) -> None:
-    import torch
-    import torch.nn.functional as F
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     model = hf_model(args.gguf)
@@ -214,7 +205,6 @@ def train(args, dump) -> None:
 
 def logistic(xa, ya, xb, yb, wd):
     """L2-regularised multinomial logistic regression (LBFGS) on standardised features → (train, held) accuracy, predictions."""
-    import torch
     mu, sd = xa.mean(0), xa.std(0) + 1e-6
     xa, xb = (xa - mu) / sd, (xb - mu) / sd
     classes = int(max(ya.max(), yb.max())) + 1
@@ -224,7 +214,7 @@ def logistic(xa, ya, xb, yb, wd):
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(xa @ w + b, ya) + wd * (w ** 2).sum()
+        loss = F.cross_entropy(xa @ w + b, ya) + wd * (w ** 2).sum()
         loss.backward()
         return loss
 
@@ -263,7 +253,6 @@ def number_ends(tok, ids):
 
 
 def probe(args, dump) -> None:
-    import torch
     from transformers import AutoTokenizer
     torch.manual_seed(0)
     directory, name = os.path.split(os.path.realpath(args.gguf))
@@ -325,8 +314,6 @@ def probe(args, dump) -> None:
 
 
 def readout(args, dump) -> None:
-    import torch
-    import torch.nn.functional as F
     torch.manual_seed(args.seed)
     _, tcached = rows(args.train_cache, args.train)
     _, hcached = rows(args.held_cache, len(dump["held"]))
@@ -402,7 +389,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
     torch.set_num_threads(args.threads)
     with open(args.dump) as f:
         dump = json.load(f)
